@@ -1,0 +1,1 @@
+"""Built-in model backends and the pieces they share (action and text tokenisers)."""

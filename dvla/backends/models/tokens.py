@@ -1,0 +1,69 @@
+"""Action and instruction tokenisers shared by model backends.
+
+Actions are discretised per dimension into uniform bins over [-1, 1] as OpenVLA does:
+a token is a bin index, its continuous value is the bin centre. Instructions use a
+hashed word vocabulary so any sentence maps to ids without a tokenizer file, which keeps
+the tiny model free of downloads; real VLA backends bring their own text tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import torch
+
+
+class ActionTokenizer:
+    """Uniform per-dimension binning of continuous actions in [-1, 1]."""
+
+    def __init__(self, bins: int = 256, low: float = -1.0, high: float = 1.0) -> None:
+        if bins < 2:
+            raise ValueError(f"need at least 2 action bins, got {bins}")
+        self.bins = bins
+        self.low = low
+        self.high = high
+        edges = np.linspace(low, high, bins + 1, dtype=np.float64)
+        self.centers = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)
+        self._inner_edges = edges[1:-1]
+
+    def encode(self, actions: np.ndarray) -> np.ndarray:
+        """Continuous actions -> int64 tokens (values outside the range are clipped)."""
+        clipped = np.clip(actions, self.low, self.high)
+        return np.digitize(clipped, self._inner_edges).astype(np.int64)
+
+    def decode(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Tokens -> continuous actions (bin centres)."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.cpu().numpy()
+        return self.centers[tokens]
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class HashedWordTokenizer:
+    """Lower-cased words hashed (CRC32) into ``vocab_size - 1`` buckets; id 0 is padding."""
+
+    def __init__(self, vocab_size: int = 512, max_len: int = 16) -> None:
+        self.vocab_size = vocab_size
+        self.max_len = max_len
+        self._cache: dict[str, np.ndarray] = {}
+
+    def encode_one(self, text: str) -> np.ndarray:
+        ids = self._cache.get(text)
+        if ids is None:
+            words = _WORD.findall(text.lower())[: self.max_len]
+            ids = np.zeros(self.max_len, np.int64)
+            for i, w in enumerate(words):
+                ids[i] = 1 + zlib.crc32(w.encode()) % (self.vocab_size - 1)
+            if len(self._cache) < 100_000:
+                self._cache[text] = ids
+        return ids
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """``[B, max_len]`` int64 ids."""
+        if not texts:
+            return np.zeros((0, self.max_len), np.int64)
+        return np.stack([self.encode_one(t) for t in texts])

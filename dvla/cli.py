@@ -1,0 +1,146 @@
+"""The ``dvla`` command: run, validate and list plugins.
+
+User mistakes (a bad file, an unknown backend, a simulator that raises, a diverging loss)
+end with one ``error:`` line and a non-zero exit, never a traceback; a traceback means a
+bug in dvla, and ``--debug`` shows it for any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from dvla import __version__, logs, registry
+from dvla.config import PipelineFile, load_config
+from dvla.errors import ConfigError, DvlaError
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. run.max_iterations=10")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def load_and_check(path: str, sets: Sequence[str] = ()) -> PipelineFile:
+    """Load a pipeline file and validate every backend section's options."""
+    cfg = load_config(path, _parse_set(sets))
+    for section, spec in (
+        ("simulator", cfg.simulator),
+        ("model", cfg.model),
+        ("algorithm", cfg.algorithm),
+        ("optimizer", cfg.optimizer),
+    ):
+        registry.build_options(section, spec, path)
+    return cfg
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``dvla validate``: every check a run would make before starting, without running."""
+    cfg = load_and_check(args.file, args.set)
+    sys.stdout.write(
+        f"{args.file}: ok ({cfg.name}: simulator={cfg.simulator.name} model={cfg.model.name} "
+        f"algorithm={cfg.algorithm.name} optimizer={cfg.optimizer.name} "
+        f"mode={cfg.pipeline.mode})\n"
+    )
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """``dvla plugins``: what is installed, so a missing or doubled plugin is easy to spot."""
+    for group, entries in registry.installed().items():
+        sys.stdout.write(f"{group}:\n")
+        if not entries:
+            sys.stdout.write("  (none)\n")
+        for e in entries:
+            sys.stdout.write(f"  {e.name:<16} {e.package} {e.version}  ({e.target})\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``dvla run``: the embedded coordinator, with every lane in this process."""
+    from dvla.pipeline import Coordinator
+    from dvla.rundir import RunDir
+
+    cfg = load_and_check(args.file, args.set)
+    rundir = RunDir.for_config(cfg, args.run_dir)
+    logs.configure(cfg.run.log_level, rundir.log_path)
+    rundir.write_config(cfg)
+    log = logs.get("dvla.run")
+    try:
+        coordinator = Coordinator(cfg, rundir, source=args.file)
+        summary = coordinator.run()
+    except DvlaError as err:
+        log.error("run failed", error=str(err), run_dir=str(rundir.root))
+        raise
+    finally:
+        rundir.close()
+    log.info("summary", **{k: v for k, v in vars(summary).items() if not isinstance(v, dict)})
+    logs.close()
+    sys.stdout.write(summary.line() + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from :func:`main` so docs and tests can inspect it."""
+    parser = argparse.ArgumentParser(
+        prog="dvla", description="Asynchronous RL post-training of VLA policies."
+    )
+    parser.add_argument("--version", action="version", version=f"dvla {__version__}")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks for every error.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    run = add("run", cmd_run, "Run a pipeline file on this machine (embedded coordinator).")
+    run.add_argument("file", help="Pipeline YAML file, e.g. configs/toy.yaml.")
+    run.add_argument("--run-dir", help="Where to write logs and metrics (overrides run.dir).")
+    val = add("validate", cmd_validate, "Check a pipeline file without running it.")
+    val.add_argument("file")
+    for p in (run, val):
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Override a field, e.g. --set run.max_iterations=5 (repeatable).",
+        )
+    add("plugins", cmd_plugins, "List installed backends by group, with their packages.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dvla`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        logs.configure("warning")
+    try:
+        code: int = args.fn(args)
+        return code
+    except DvlaError as err:
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    finally:
+        logs.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Typed pipeline configuration, loaded from YAML.
+
+A pipeline file is validated twice: once against the core schema below (every section
+and field dvla itself understands), then each backend section against the options model
+of the backend it names (see :mod:`dvla.registry`). Both passes reject unknown keys and
+report the first problem as one line: file, YAML path of the field, what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dvla.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendOptions(Strict):
+    """Base for the options model a backend declares as its ``Options`` attribute."""
+
+
+class BackendSection(BaseModel):
+    """A section that names a backend; every other key is that backend's option."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(description="Entry-point name of the backend (see `dvla plugins`).")
+
+    def options(self) -> dict[str, Any]:
+        """The keys meant for the backend itself."""
+        return dict(self.model_extra or {})
+
+
+class RunConfig(Strict):
+    """How long to run, where to write, and when to call it done."""
+
+    dir: str | None = Field(None, description="Run directory; default runs/<name>-<UTC timestamp>.")
+    max_iterations: int = Field(1000, ge=1, description="Stop after this many learner updates.")
+    max_env_steps: int | None = Field(
+        None, ge=1, description="Stop after this many simulator steps (all envs together)."
+    )
+    max_wall_seconds: float = Field(
+        300.0, gt=0, description="Stop after this much wall time, whatever else is left."
+    )
+    target_success: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Stop early once the rolling training success rate reaches this.",
+    )
+    success_window: int = Field(
+        256, ge=1, description="Episodes in the rolling success-rate window."
+    )
+    eval_episodes: int = Field(
+        0, ge=0, description="Greedy-policy episodes run after training for the final score."
+    )
+    progress_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between live progress lines."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Console log level; the JSON log file always gets debug."
+    )
+
+
+class InferConfig(Strict):
+    """Batching of observation requests into policy forwards."""
+
+    max_batch: int = Field(512, ge=1, description="Most observations in one policy forward.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="Longest wait for more requests before a partial batch runs."
+    )
+
+
+class PipelineConfig(Strict):
+    """The swimlane pipeline: lane sizes, queues, staleness."""
+
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="async: the four lanes overlap; sync: sample, infer, learn, sync in turn.",
+    )
+    num_envs: int = Field(64, ge=1, description="Simulator environments in the sample lane.")
+    shards: int = Field(
+        2,
+        ge=1,
+        description="Env shards stepped independently so simulation overlaps inference.",
+    )
+    groups_per_iteration: int = Field(
+        16, ge=1, description="Rollout groups the learner consumes per update."
+    )
+    max_staleness: int = Field(
+        2,
+        ge=0,
+        description="Most policy versions a trajectory may lag the learner; older is dropped.",
+    )
+    importance_correction: bool = Field(
+        True,
+        description="Reweight stale-but-allowed samples by truncated importance ratios.",
+    )
+    queue_groups: int = Field(
+        16, ge=1, description="Bound of the trajectory queue (in groups): backpressure."
+    )
+    torch_threads: int = Field(
+        1, ge=1, description="Intra-op threads per torch call; lanes give the parallelism."
+    )
+    lane_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest a single lane step may take before the run fails as hung.",
+    )
+    infer: InferConfig = Field(default_factory=InferConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> PipelineConfig:
+        if self.shards > self.num_envs:
+            raise ValueError(f"shards ({self.shards}) cannot exceed num_envs ({self.num_envs})")
+        return self
+
+
+class PipelineFile(Strict):
+    """A whole pipeline file."""
+
+    name: str = Field("pipeline", description="Name used for the run directory and logs.")
+    seed: int = Field(0, description="Seeds simulators, model initialisation and sampling.")
+    run: RunConfig = Field(default_factory=RunConfig)  # type: ignore[arg-type]
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)  # type: ignore[arg-type]
+    simulator: BackendSection
+    model: BackendSection
+    algorithm: BackendSection
+    optimizer: BackendSection
+
+
+_BACKEND_SECTIONS = ("simulator", "model", "algorithm", "optimizer")
+
+
+def format_validation_error(source: str, err: ValidationError, prefix: str = "") -> str:
+    """Turn pydantic's multi-line report into the one line a user reads first."""
+    errors = err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<top level>")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = first["msg"]
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            msg += f" (got {first['input']!r})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {path}: {msg}{more}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> PipelineFile:
+    """Validate already-parsed YAML data against the core schema."""
+    if not isinstance(data, dict):
+        kind = type(data).__name__ if data is not None else "an empty document"
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {kind}")
+    try:
+        return PipelineFile.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects a key given twice in one mapping (YAML keeps the last)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineFile:
+    """Read and validate a pipeline file.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted keys (``run.max_iterations``) replacing values from the file,
+            as the CLI's ``--set`` passes them.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or fails validation.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read pipeline file: {err.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}{where}: invalid YAML: {problem}") from None
+    if overrides and isinstance(data, dict):
+        for dotted, value in overrides.items():
+            apply_override(data, dotted, value)
+    return parse_config(data, str(p))
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts, creating missing levels."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a mapping in the file")
+        node = child
+    node[keys[-1]] = value
+
+
+def backend_sections(cfg: PipelineFile) -> dict[str, BackendSection]:
+    """The four backend sections by name, in a fixed order."""
+    return {name: getattr(cfg, name) for name in _BACKEND_SECTIONS}

@@ -1,0 +1,5 @@
+"""The swimlane pipeline: sample, infer, learn and sync lanes and the coordinator that runs them."""
+
+from dvla.pipeline.coordinator import Coordinator, RunSummary
+
+__all__ = ["Coordinator", "RunSummary"]

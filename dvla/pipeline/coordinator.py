@@ -1,0 +1,349 @@
+"""The coordinator: builds the lanes from a pipeline file and runs them.
+
+In ``async`` mode the four lanes are concurrent coroutines on one uvloop event loop,
+linked by a bounded trajectory queue (backpressure keeps samplers from racing ahead of
+the learner) and the weight bus. In ``sync`` mode the same lane objects run one stage
+after another, as colocated trainers do, so the two modes differ only in overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from dvla import logs, registry
+from dvla.backends.base import Algorithm, Policy, Simulator
+from dvla.config import PipelineFile
+from dvla.data import TrajectoryGroup
+from dvla.errors import DvlaError, LaneError, SimulatorError
+from dvla.pipeline.evaluate import evaluate
+from dvla.pipeline.infer import InferLane
+from dvla.pipeline.lane import Lane
+from dvla.pipeline.learn import LearnLane
+from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
+from dvla.pipeline.stats import Accounting
+from dvla.pipeline.sync import SyncLane
+from dvla.pipeline.weights import LocalWeightBus, ReplicaSet
+from dvla.rundir import RunDir
+
+log = logs.get(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (also written to ``summary.json``)."""
+
+    name: str
+    mode: str
+    run_dir: str
+    stop_reason: str
+    iterations: int
+    policy_version: int
+    env_steps: int
+    wall_s: float
+    env_steps_per_s: float
+    success_rate: float
+    eval: dict[str, Any] | None
+    lanes: dict[str, dict[str, float]]
+    accounting: dict[str, float]
+    infer_mean_batch: float
+    staleness: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The one-line summary printed at the end of a run."""
+        ev = f" eval_success={self.eval['success_rate']:.3f}" if self.eval else ""
+        return (
+            f"done: {self.name} ({self.mode}) stop={self.stop_reason} "
+            f"iterations={self.iterations} env_steps={self.env_steps} "
+            f"steps/s={self.env_steps_per_s:.0f} success={self.success_rate:.3f}{ev} "
+            f"run_dir={self.run_dir}"
+        )
+
+
+def _split(n: int, parts: int) -> list[int]:
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class Coordinator:
+    """Runs one pipeline file in this process."""
+
+    def __init__(self, cfg: PipelineFile, rundir: RunDir, source: str = "<config>") -> None:
+        self.cfg = cfg
+        self.rundir = rundir
+        self.source = source
+        self.stop_reason = "running"
+        self._t0 = 0.0
+        self._stop: asyncio.Event | None = None
+        self._lanes: list[Lane] = []
+        self._build()
+
+    # ----------------------------------------------------------------- building
+    def _build(self) -> None:
+        cfg, p = self.cfg, self.cfg.pipeline
+        torch.set_num_threads(p.torch_threads)
+        torch.manual_seed(cfg.seed)
+        self.sim_cls, self.sim_opts = registry.build_options(
+            "simulator", cfg.simulator, self.source
+        )
+        sims: list[Simulator] = []
+        try:
+            for i, n in enumerate(_split(p.num_envs, p.shards)):
+                sims.append(self._make_sim(n, cfg.seed + i))
+            self._build_rest(sims)
+        except BaseException:
+            for sim in sims:
+                sim.close()
+            raise
+
+    def _build_rest(self, sims: list[Simulator]) -> None:
+        cfg, p = self.cfg, self.cfg.pipeline
+        model_cls, model_opts = registry.build_options("model", cfg.model, self.source)
+        algo_cls, algo_opts = registry.build_options("algorithm", cfg.algorithm, self.source)
+        opt_cls, opt_opts = registry.build_options("optimizer", cfg.optimizer, self.source)
+        spec = sims[0].spec
+        self.policy: Policy = model_cls(model_opts, spec)
+        optimizer = opt_cls(opt_opts).build(self.policy.parameters())
+        self.algorithm: Algorithm = algo_cls(algo_opts, self.policy, optimizer)
+        self.accounting = Accounting(window=deque(maxlen=cfg.run.success_window))
+        source = EpisodeSource(
+            [t.num_init_states for t in spec.tasks],
+            self.algorithm.group_size,
+            cfg.seed,
+            limited=p.mode == "sync",
+        )
+        shards = [
+            EnvShard(f"shard{i}", sim, cfg.simulator.name, source) for i, sim in enumerate(sims)
+        ]
+        self.bus = LocalWeightBus()
+        self.replicas = ReplicaSet(self.policy)
+        self.sample = SampleLane(
+            shards, self.algorithm.group_size, self.accounting, p.lane_timeout_s
+        )
+        self.infer = InferLane(self.replicas, p.infer, p.lane_timeout_s, cfg.seed)
+        self.learn = LearnLane(
+            self.algorithm, self.policy, self.bus, self.accounting, p, self._on_iteration
+        )
+        self.sync = SyncLane(self.bus, self.replicas, p.lane_timeout_s)
+        self._lanes = [self.sample, self.infer, self.learn, self.sync]
+
+    def _make_sim(self, num_envs: int, seed: int) -> Simulator:
+        try:
+            sim: Simulator = self.sim_cls(self.sim_opts, num_envs, seed)
+        except DvlaError:
+            raise
+        except Exception as err:
+            raise SimulatorError(
+                f"simulator '{self.cfg.simulator.name}' failed to start: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        return sim
+
+    # ----------------------------------------------------------------- reporting
+    def lane_shares(self, wall: float | None = None) -> dict[str, dict[str, float]]:
+        """Busy seconds and busy share of wall time, per lane."""
+        wall = max(wall if wall is not None else time.perf_counter() - self._t0, 1e-9)
+        return {
+            lane.name: {
+                "busy_s": round(lane.stats.busy_s, 4),
+                "share": round(lane.stats.busy_s / wall, 4),
+            }
+            for lane in self._lanes
+        }
+
+    def _on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
+        wall = time.perf_counter() - self._t0
+        acc = self.accounting
+        row = {
+            "iteration": iteration,
+            "wall_s": round(wall, 4),
+            "env_steps": acc.env_steps,
+            "env_steps_per_s": acc.env_steps / max(wall, 1e-9),
+            "success_rate": acc.success_rate(),
+            "accounting": acc.as_dict(),
+            "lanes": self.lane_shares(),
+            "infer_mean_batch": self.infer.mean_batch(),
+            **metrics,
+        }
+        self.rundir.append_metrics(row)
+        log.debug("iteration", **{k: v for k, v in row.items() if not isinstance(v, dict)})
+        run = self.cfg.run
+        if iteration >= run.max_iterations:
+            self._request_stop("max_iterations")
+        elif run.max_env_steps is not None and acc.env_steps >= run.max_env_steps:
+            self._request_stop("max_env_steps")
+        elif (
+            run.target_success is not None
+            and len(acc.window) == acc.window.maxlen
+            and acc.success_rate() >= run.target_success
+        ):
+            self._request_stop("target_success")
+
+    def _request_stop(self, reason: str) -> None:
+        if self._stop is not None and not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
+
+    async def _progress(self, stop: asyncio.Event) -> None:
+        """Live progress lines and the wall-clock limit."""
+        interval = self.cfg.run.progress_interval_s
+        last_t, last_steps = self._t0, 0
+        next_report = self._t0 + interval
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+            now = time.perf_counter()
+            if now - self._t0 >= self.cfg.run.max_wall_seconds:
+                self._request_stop("max_wall_seconds")
+            if now >= next_report:
+                steps = self.accounting.env_steps
+                log.info(
+                    "progress",
+                    iteration=self.learn.iteration,
+                    version=self.learn.version,
+                    steps_per_s=round((steps - last_steps) / (now - last_t)),
+                    success=round(self.accounting.success_rate(), 3),
+                    busy={k: v["share"] for k, v in self.lane_shares().items()},
+                )
+                last_t, last_steps = now, steps
+                next_report = now + interval
+
+    # ----------------------------------------------------------------- running
+    async def _run_async(self, stop: asyncio.Event) -> None:
+        queue: asyncio.Queue[TrajectoryGroup] = asyncio.Queue(
+            maxsize=self.cfg.pipeline.queue_groups
+        )
+        self._queue = queue
+
+        async def emit(group: TrajectoryGroup) -> None:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(queue.put(group), 0.25)
+                    return
+                except TimeoutError:
+                    continue
+            self.accounting.discarded += len(group.trajectories)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.infer.run(stop), name="infer")
+            tg.create_task(self.learn.run(queue, stop), name="learn")
+            tg.create_task(self.sync.run(stop), name="sync")
+            tg.create_task(self._progress(stop), name="progress")
+            for shard in self.sample.shards:
+                tg.create_task(
+                    self.sample.run_shard(shard, self.infer.request, emit, stop), name=shard.id
+                )
+        while not queue.empty():
+            self.accounting.discarded += len(queue.get_nowait().trajectories)
+
+    async def _run_sync(self, stop: asyncio.Event) -> None:
+        progress = asyncio.create_task(self._progress(stop))
+        try:
+            while not stop.is_set():
+                groups = await self.sample.rollout(
+                    self.cfg.pipeline.groups_per_iteration, self.infer.forward
+                )
+                for g in groups:
+                    self.learn.admit(g)
+                await self.learn.train()
+                await self.sync.apply_newer(0.0)
+        finally:
+            stop.set()
+            await progress
+
+    async def _main(self) -> None:
+        self._stop = stop = asyncio.Event()
+        self._t0 = time.perf_counter()
+        log.info(
+            "run started",
+            name=self.cfg.name,
+            mode=self.cfg.pipeline.mode,
+            run_dir=str(self.rundir.root),
+            envs=self.cfg.pipeline.num_envs,
+        )
+        try:
+            if self.cfg.pipeline.mode == "async":
+                await self._run_async(stop)
+            else:
+                await self._run_sync(stop)
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+
+    def run(self) -> RunSummary:
+        """Run to a stop condition, evaluate, write the summary; blocking."""
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(self._main())
+        finally:
+            self.stop_reason = "error" if self.stop_reason == "running" else self.stop_reason
+            wall = time.perf_counter() - self._t0
+            for lane in self._lanes:
+                lane.close()
+            self.accounting.discarded += sum(len(g.trajectories) for g in self.learn.pending)
+            self.accounting.discarded += self.sample.in_progress()
+            self.learn.pending = []
+        eval_result = None
+        if self.cfg.run.eval_episodes:
+            sim = self._make_sim(min(self.cfg.run.eval_episodes, 64), self.cfg.seed + 10_000)
+            try:
+                eval_result = evaluate(
+                    self.policy, sim, self.cfg.simulator.name, self.cfg.run.eval_episodes
+                )
+            finally:
+                sim.close()
+        acc = self.accounting
+        summary = RunSummary(
+            name=self.cfg.name,
+            mode=self.cfg.pipeline.mode,
+            run_dir=str(self.rundir.root),
+            stop_reason=self.stop_reason,
+            iterations=self.learn.iteration,
+            policy_version=self.learn.version,
+            env_steps=acc.env_steps,
+            wall_s=round(wall, 3),
+            env_steps_per_s=acc.env_steps / max(wall, 1e-9),
+            success_rate=acc.success_rate(),
+            eval=eval_result,
+            lanes=self.lane_shares(wall),
+            accounting=acc.as_dict(),
+            infer_mean_batch=self.infer.mean_batch(),
+            staleness={str(k): v for k, v in sorted(self.learn.staleness_seen.items())},
+        )
+        self.rundir.write_summary(asdict(summary))
+        return summary
+
+
+def _loop_factory() -> Any:
+    if sys.platform != "win32":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    """The error to report from a lane task group: a user-facing one if any."""
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            flat.append(e)
+
+    walk(eg)
+    for e in flat:
+        if isinstance(e, DvlaError):
+            return e
+    first = flat[0]
+    if isinstance(first, Exception):
+        err = LaneError(f"a lane failed: {type(first).__name__}: {first}")
+        err.__cause__ = first
+        return err
+    return first

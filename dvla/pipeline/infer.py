@@ -1,0 +1,109 @@
+"""The infer lane: batches observation requests from every shard into policy forwards.
+
+Requests wait at most ``max_wait_ms`` for company and a forward takes at most
+``max_batch`` observations, so latency stays bounded while batches grow with load. The
+forward runs on the active inference replica, which the sync lane swaps atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+
+from dvla.config import InferConfig
+from dvla.data import ActionBatch, ObsBatch
+from dvla.errors import LaneError
+from dvla.pipeline.lane import Lane
+from dvla.pipeline.weights import ReplicaSet
+
+Request = tuple[ObsBatch, "asyncio.Future[ActionBatch]"]
+
+
+class InferLane(Lane):
+    """Serves action requests from the sample lane."""
+
+    def __init__(self, replicas: ReplicaSet, cfg: InferConfig, timeout_s: float, seed: int) -> None:
+        super().__init__("infer", timeout_s)
+        self.replicas = replicas
+        self.cfg = cfg
+        self._requests: asyncio.Queue[Request] = asyncio.Queue()
+        self._gen = torch.Generator().manual_seed(seed)
+        self.batches = 0
+        self.observations = 0
+        self.max_batch_seen = 0
+
+    def _forward(self, obs: ObsBatch) -> ActionBatch:
+        rep = self.replicas.active
+        with rep.lock:
+            inputs = rep.policy.prepare(obs)
+            actions, tokens, logprobs = rep.policy.act(inputs, generator=self._gen)
+            version = rep.version
+        self.batches += 1
+        self.observations += len(obs)
+        self.max_batch_seen = max(self.max_batch_seen, len(obs))
+        return ActionBatch(actions.astype(np.float32), tokens, logprobs, version)
+
+    async def forward(self, obs: ObsBatch) -> ActionBatch:
+        """One forward now, without batching (sync mode)."""
+        return await self.blocking(self._forward, obs)
+
+    async def request(self, obs: ObsBatch) -> ActionBatch:
+        """Queue ``obs`` for the next batch and wait for its actions."""
+        fut: asyncio.Future[ActionBatch] = asyncio.get_running_loop().create_future()
+        self._requests.put_nowait((obs, fut))
+        try:
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            raise LaneError(
+                f"infer lane: no actions within {self.timeout_s:g} s (pipeline.lane_timeout_s)"
+            ) from None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Async mode: batch and serve requests until stopped."""
+        while not stop.is_set():
+            try:
+                first = await asyncio.wait_for(self._requests.get(), 0.25)
+            except TimeoutError:
+                continue
+            batch = [first]
+            size = len(first[0])
+            deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
+            while size < self.cfg.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self._requests.get(), remaining)
+                except TimeoutError:
+                    break
+                batch.append(nxt)
+                size += len(nxt[0])
+            await self._serve(batch)
+        # Requests queued before the stop still get their answer, so no shard is left
+        # waiting for actions that never come.
+        leftover = []
+        while not self._requests.empty():
+            leftover.append(self._requests.get_nowait())
+        if leftover:
+            await self._serve(leftover)
+
+    async def _serve(self, batch: list[Request]) -> None:
+        try:
+            act = await self.blocking(self._forward, ObsBatch.concat([r[0] for r in batch]))
+        except Exception as err:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            raise
+        start = 0
+        for obs, fut in batch:
+            n = len(obs)
+            if not fut.done():
+                fut.set_result(act.slice(start, start + n))
+            start += n
+
+    def mean_batch(self) -> float:
+        return self.observations / self.batches if self.batches else 0.0

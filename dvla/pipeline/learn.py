@@ -1,0 +1,94 @@
+"""The learn lane: staleness gate, group batching and the algorithm's update.
+
+Every trajectory group is checked against the learner's version when it arrives: older
+than ``max_staleness`` versions and it is dropped (and counted); otherwise it waits for
+the iteration's batch, where the algorithm may importance-correct it. After each update
+the learner publishes a snapshot of its weights to the weight bus for the sync lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from dvla.backends.base import Algorithm, Policy
+from dvla.config import PipelineConfig
+from dvla.data import TrajectoryGroup
+from dvla.pipeline.lane import Lane
+from dvla.pipeline.stats import Accounting
+from dvla.pipeline.weights import StateDict, WeightBus, snapshot
+
+IterationHook = Callable[[int, dict[str, float]], None]
+
+
+class LearnLane(Lane):
+    """Consumes trajectory groups and steps the optimizer."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        policy: Policy,
+        bus: WeightBus,
+        accounting: Accounting,
+        cfg: PipelineConfig,
+        on_iteration: IterationHook,
+    ) -> None:
+        super().__init__("learn", cfg.lane_timeout_s)
+        self.algorithm = algorithm
+        self.policy = policy
+        self.bus = bus
+        self.accounting = accounting
+        self.cfg = cfg
+        self.on_iteration = on_iteration
+        self.version = 0
+        self.iteration = 0
+        self.pending: list[TrajectoryGroup] = []
+        self.staleness_seen: dict[int, int] = {}
+
+    def admit(self, group: TrajectoryGroup) -> bool:
+        """Accept ``group`` for the next batch unless it is too stale; count either way."""
+        staleness = self.version - group.version
+        if staleness > self.cfg.max_staleness:
+            self.accounting.dropped_stale += len(group.trajectories)
+            return False
+        self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
+        self.pending.append(group)
+        return True
+
+    @property
+    def batch_ready(self) -> bool:
+        return len(self.pending) >= self.cfg.groups_per_iteration
+
+    def _update(self, groups: list[TrajectoryGroup]) -> tuple[dict[str, float], StateDict]:
+        metrics = self.algorithm.update(
+            groups, self.version, self.cfg.max_staleness, self.cfg.importance_correction
+        )
+        return metrics, snapshot(self.policy)
+
+    async def train(self) -> dict[str, float]:
+        """One update on the pending groups; publishes new weights."""
+        groups, self.pending = self.pending, []
+        count = sum(len(g.trajectories) for g in groups)
+        try:
+            metrics, state = await self.blocking(self._update, groups)
+        except BaseException:
+            self.accounting.discarded += count
+            raise
+        self.accounting.consumed += count
+        self.iteration += 1
+        if metrics.get("updated", 1.0):
+            self.version += 1
+            self.bus.publish(self.version, state)
+        metrics["version"] = float(self.version)
+        self.on_iteration(self.iteration, metrics)
+        return metrics
+
+    async def run(self, queue: asyncio.Queue[TrajectoryGroup], stop: asyncio.Event) -> None:
+        """Async mode: train whenever a batch is ready, until stopped."""
+        while not stop.is_set():
+            try:
+                group = await asyncio.wait_for(queue.get(), 0.25)
+            except TimeoutError:
+                continue
+            if self.admit(group) and self.batch_ready:
+                await self.train()

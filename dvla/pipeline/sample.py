@@ -1,0 +1,280 @@
+"""The sample lane: simulators stepped in shards, episodes assembled into groups.
+
+Environments are split into shards, each with its own simulator instance and its own
+coroutine, so while one shard waits for the inference lane another is stepping: that is
+how simulation and inference overlap (the double-buffered sampling of Sample Factory).
+Episodes are handed out group by group, G episodes of one (task, initial state), because
+GRPO normalises rewards within such a group; a group leaves the lane once its G
+trajectories are all finished, whichever shards ran them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from dvla.backends.base import Simulator
+from dvla.data import ActionBatch, ObsBatch, StepBatch, Trajectory, TrajectoryGroup
+from dvla.errors import SimulatorError
+from dvla.pipeline.lane import Lane
+from dvla.pipeline.stats import Accounting
+
+Episode = tuple[int, int, int]  # (group id, task id, initial-state id)
+
+
+class EpisodeSource:
+    """Hands out episodes, G at a time per (task, initial state); thread-safe.
+
+    With a budget (sync mode) it hands out only the episodes of the groups allowed so far,
+    so an iteration runs exactly the groups it trains on.
+    """
+
+    def __init__(self, tasks: list[int], group_size: int, seed: int, limited: bool) -> None:
+        self._num_init = tasks
+        self._g = group_size
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._queue: deque[Episode] = deque()
+        self._next_group = 0
+        self._limited = limited
+        self._allowed = 0
+
+    def allow(self, groups: int) -> None:
+        """Sync mode: permit ``groups`` more groups."""
+        with self._lock:
+            self._allowed += groups
+
+    def take(self, n: int) -> list[Episode]:
+        """Up to ``n`` episodes (fewer only when a budget is exhausted)."""
+        out: list[Episode] = []
+        with self._lock:
+            while len(out) < n:
+                if not self._queue:
+                    if self._limited and self._allowed == 0:
+                        break
+                    self._allowed -= 1
+                    task = int(self._rng.integers(len(self._num_init)))
+                    init = int(self._rng.integers(self._num_init[task]))
+                    gid = self._next_group
+                    self._next_group += 1
+                    self._queue.extend([(gid, task, init)] * self._g)
+                out.append(self._queue.popleft())
+        return out
+
+
+class GroupAssembler:
+    """Collects finished trajectories until each group has all G of them."""
+
+    def __init__(self, group_size: int) -> None:
+        self._g = group_size
+        self._open: dict[int, TrajectoryGroup] = {}
+
+    def add(self, traj: Trajectory) -> TrajectoryGroup | None:
+        group = self._open.get(traj.group_id)
+        if group is None:
+            group = TrajectoryGroup(traj.group_id, traj.task_id, traj.init_state_id)
+            self._open[traj.group_id] = group
+        group.trajectories.append(traj)
+        if len(group.trajectories) == self._g:
+            return self._open.pop(traj.group_id)
+        return None
+
+    def pending(self) -> int:
+        """Trajectories waiting for the rest of their group."""
+        return sum(len(g.trajectories) for g in self._open.values())
+
+
+class EnvShard:
+    """One simulator instance and the episode buffers of its environments.
+
+    Per-step data is written into arrays preallocated for the whole run (one row per
+    environment, one slot per step), so stepping allocates only the finished trajectory.
+    All methods block and run in the sample lane's threads.
+    """
+
+    def __init__(self, shard_id: str, sim: Simulator, sim_name: str, source: EpisodeSource) -> None:
+        self.id = shard_id
+        self.sim = sim
+        self.sim_name = sim_name
+        self.source = source
+        spec = sim.spec
+        n, t = sim.num_envs, spec.max_episode_steps
+        d = spec.action_dim
+        self.images = {
+            cam: np.zeros((n, t, h, w, 3), np.uint8) for cam, (h, w) in spec.cameras.items()
+        }
+        self.proprio = np.zeros((n, t, spec.proprio_dim), np.float32)
+        self.tokens = np.zeros((n, t, d), np.int64)
+        self.logprobs = np.zeros((n, t, d), np.float32)
+        self.versions = np.zeros((n, t), np.int64)
+        self.rewards = np.zeros((n, t), np.float32)
+        self.t = np.zeros(n, np.int64)
+        self.episode: list[Episode | None] = [None] * n
+        self.active_ids = np.zeros(0, np.int64)
+        self.obs: ObsBatch | None = None
+        self._seq = 0
+        self._max_t = t
+
+    @property
+    def has_active(self) -> bool:
+        return len(self.active_ids) > 0
+
+    def _call(self, what: str, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except Exception as err:
+            raise SimulatorError(
+                f"simulator '{self.sim_name}' raised {type(err).__name__} in {what}: {err}"
+            ) from err
+
+    def refill(self) -> None:
+        """Start episodes in idle environments, as many as the source hands out."""
+        idle = [i for i, e in enumerate(self.episode) if e is None]
+        eps = self.source.take(len(idle)) if idle else []
+        if not eps:
+            return
+        ids = np.array(idle[: len(eps)], np.int64)
+        for i, ep in zip(ids, eps, strict=True):
+            self.episode[int(i)] = ep
+        self.t[ids] = 0
+        tasks = np.array([e[1] for e in eps], np.int64)
+        inits = np.array([e[2] for e in eps], np.int64)
+        obs = self._call("reset", lambda: self.sim.reset(ids, tasks, inits))
+        assert isinstance(obs, ObsBatch)
+        self._merge(ids, obs)
+
+    def _merge(self, ids: np.ndarray, obs: ObsBatch) -> None:
+        if self.obs is None or not self.has_active:
+            self.active_ids, self.obs = ids, obs
+        else:
+            self.active_ids = np.concatenate([self.active_ids, ids])
+            self.obs = ObsBatch.concat([self.obs, obs])
+
+    def advance(self, act: ActionBatch) -> tuple[list[Trajectory], int]:
+        """Apply actions to the active environments; return finished episodes and steps taken."""
+        ids, obs = self.active_ids, self.obs
+        assert obs is not None and len(ids) == len(act.actions)
+        t = self.t[ids]
+        for cam, arr in self.images.items():
+            arr[ids, t] = obs.images[cam]
+        self.proprio[ids, t] = obs.proprio
+        self.tokens[ids, t] = act.tokens
+        self.logprobs[ids, t] = act.logprobs
+        self.versions[ids, t] = act.version
+        step = self._call("step", lambda: self.sim.step(ids, act.actions))
+        assert isinstance(step, StepBatch)
+        self.rewards[ids, t] = step.reward
+        self.t[ids] = t + 1
+        done = np.asarray(step.done, bool) | (t + 1 >= self._max_t)
+        finished = [
+            self._finish(int(i), bool(s))
+            for i, s in zip(ids[done], step.success[done], strict=True)
+        ]
+        keep = np.flatnonzero(~done)
+        self.active_ids = ids[keep]
+        self.obs = step.obs.select(keep) if len(keep) else None
+        self.refill()
+        return finished, len(ids)
+
+    def _finish(self, i: int, success: bool) -> Trajectory:
+        ep = self.episode[i]
+        assert ep is not None
+        n = int(self.t[i])
+        self.episode[i] = None
+        self._seq += 1
+        return Trajectory(
+            producer=self.id,
+            seq=self._seq,
+            group_id=ep[0],
+            task_id=ep[1],
+            init_state_id=ep[2],
+            instruction=self.sim.spec.tasks[ep[1]].instruction,
+            images={cam: arr[i, :n].copy() for cam, arr in self.images.items()},
+            proprio=self.proprio[i, :n].copy(),
+            tokens=self.tokens[i, :n].copy(),
+            logprobs=self.logprobs[i, :n].copy(),
+            versions=self.versions[i, :n].copy(),
+            rewards=self.rewards[i, :n].copy(),
+            success=success,
+        )
+
+    def close(self) -> None:
+        self.sim.close()
+
+
+class SampleLane(Lane):
+    """Steps the shards and emits complete trajectory groups."""
+
+    def __init__(
+        self,
+        shards: list[EnvShard],
+        group_size: int,
+        accounting: Accounting,
+        timeout_s: float,
+    ) -> None:
+        super().__init__("sample", timeout_s, threads=len(shards))
+        self.shards = shards
+        self.assembler = GroupAssembler(group_size)
+        self.accounting = accounting
+
+    def _collect(self, trajs: list[Trajectory]) -> list[TrajectoryGroup]:
+        groups = []
+        for traj in trajs:
+            self.accounting.record_episode(traj.success, traj.length)
+            group = self.assembler.add(traj)
+            if group is not None:
+                groups.append(group)
+        return groups
+
+    async def run_shard(
+        self,
+        shard: EnvShard,
+        request: Callable[[ObsBatch], Awaitable[ActionBatch]],
+        emit: Callable[[TrajectoryGroup], Awaitable[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Async mode: step one shard until stopped; ``emit`` applies backpressure."""
+        await self.blocking(shard.refill)
+        while not stop.is_set() and shard.has_active:
+            assert shard.obs is not None
+            act = await request(shard.obs)
+            finished, _ = await self.blocking(shard.advance, act)
+            for group in self._collect(finished):
+                await emit(group)
+
+    async def rollout(
+        self,
+        n_groups: int,
+        forward: Callable[[ObsBatch], Awaitable[ActionBatch]],
+    ) -> list[TrajectoryGroup]:
+        """Sync mode: run exactly ``n_groups`` groups to completion, one stage at a time."""
+        self.shards[0].source.allow(n_groups)
+        for shard in self.shards:
+            await self.blocking(shard.refill)
+        out: list[TrajectoryGroup] = []
+        while len(out) < n_groups:
+            active = [s for s in self.shards if s.has_active]
+            if not active:
+                raise SimulatorError("sync rollout ran out of episodes before its groups finished")
+            obs = ObsBatch.concat([s.obs for s in active if s.obs is not None])
+            act = await forward(obs)
+            start = 0
+            for shard in active:
+                n = len(shard.active_ids)
+                finished, _ = await self.blocking(shard.advance, act.slice(start, start + n))
+                start += n
+                out.extend(self._collect(finished))
+        return out
+
+    def in_progress(self) -> int:
+        """Episodes running or finished but waiting for their group."""
+        return self.assembler.pending()
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        super().close()
