@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mode']:<6} {r['env_steps_per_s']:>12.0f} {r['wall_s']:>8.2f}  "
             f"{b['sample']:.2f}/{b['infer']:.2f}/{b['learn']:.2f}/{b['sync']:.2f}\n"
         )
-    w(f"overlap bound: {bound['bound_env_steps_per_s']:.0f} env steps/s "
-      f"({out['bound_over_sync']:.2f}x sync)\n")
+    w(
+        f"overlap bound: {bound['bound_env_steps_per_s']:.0f} env steps/s "
+        f"({out['bound_over_sync']:.2f}x sync)\n"
+    )
     w(f"async / sync: {ratio:.2f}x   async / bound: {share:.1%}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

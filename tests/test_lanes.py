@@ -542,12 +542,6 @@ def test_lane_counts_busy_time() -> None:
     assert lane.stats.busy_s >= 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LaneError,
-    reason="library bug: InferLane.run returns on stop without answering requests already "
-    "queued, so a shard awaiting one hangs for lane_timeout_s and then fails the run",
-)
 def test_infer_lane_answers_requests_queued_before_stop() -> None:
     import time
 

@@ -21,7 +21,7 @@ class _FixedEpisodes(EpisodeSource):
         self._n = episodes
 
     def take(self, n: int) -> list[tuple[int, int, int]]:
-        out = []
+        out: list[tuple[int, int, int]] = []
         tasks = len(self._num_init)
         while len(out) < n and self._k < self._n:
             task = self._k % tasks

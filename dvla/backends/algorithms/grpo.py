@@ -57,7 +57,8 @@ class GRPOOptions(BackendOptions):
 def group_advantages(returns: np.ndarray, eps: float) -> np.ndarray:
     """(R - mean) / (std + eps) within one group; population std, as in GRPO."""
     r = np.asarray(returns, np.float64)
-    return ((r - r.mean()) / (r.std() + eps)).astype(np.float32)
+    adv: np.ndarray = ((r - r.mean()) / (r.std() + eps)).astype(np.float32)
+    return adv
 
 
 class GRPO(Algorithm):
@@ -152,7 +153,7 @@ class GRPO(Algorithm):
                         "lower the learning rate or check rewards and observations"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 gn = (
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), o.max_grad_norm)
                     if o.max_grad_norm

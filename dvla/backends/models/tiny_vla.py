@@ -62,6 +62,7 @@ class TinyVLA(Policy):
     """The ``tiny-vla`` model backend."""
 
     Options = TinyVLAOptions
+    bin_centers: torch.Tensor
 
     def __init__(self, options: Any, spec: SimulatorSpec) -> None:
         super().__init__(options, spec)
@@ -148,7 +149,8 @@ class TinyVLA(Policy):
         out = self.head(self.mlp(feats))
         d, nb = self.action_dim, self.o.action_bins
         if self.o.head == "linear":
-            return out.view(b, d, nb)
+            logits: torch.Tensor = out.view(b, d, nb)
+            return logits
         mean = torch.tanh(out).view(b, d)
         log_std = self.log_std.view(1, d) * self.o.std_lr_scale
         # Bounded: an unbounded std can run off to a flat distribution that no longer

@@ -31,13 +31,15 @@ class ActionTokenizer:
     def encode(self, actions: np.ndarray) -> np.ndarray:
         """Continuous actions -> int64 tokens (values outside the range are clipped)."""
         clipped = np.clip(actions, self.low, self.high)
-        return np.digitize(clipped, self._inner_edges).astype(np.int64)
+        tokens: np.ndarray = np.digitize(clipped, self._inner_edges).astype(np.int64)
+        return tokens
 
     def decode(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
         """Tokens -> continuous actions (bin centres)."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.cpu().numpy()
-        return self.centers[tokens]
+        values: np.ndarray = self.centers[tokens]
+        return values
 
 
 _WORD = re.compile(r"[a-z0-9]+")
