@@ -91,3 +91,14 @@ def test_toy_learns_on_a_small_budget(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert start < 0.2
     assert summary["success_rate"] >= 0.4, summary["success_rate"]
+
+
+@pytest.mark.slow
+def test_toy_reaches_ninety_percent_within_five_minutes(tmp_path: Path) -> None:
+    """The foundation's learning target, as `dvla run configs/toy.yaml` runs it."""
+    run_dir = tmp_path / "full"
+    assert main(["run", str(ROOT / "configs" / "toy.yaml"), "--run-dir", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "target_success"
+    assert summary["wall_s"] <= 300
+    assert summary["success_rate"] >= 0.9

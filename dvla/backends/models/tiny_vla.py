@@ -123,8 +123,9 @@ class TinyVLA(Policy):
         """Token logits ``[B, D, bins]``."""
         img = inputs["image"].permute(0, 3, 1, 2).float().div_(255.0)
         b, _, h, w = img.shape
-        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
-        xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+        dev = img.device
+        ys = torch.linspace(-1, 1, h, device=dev).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=dev).view(1, 1, 1, w).expand(b, 1, h, w)
         x = torch.cat([img, xs, ys], dim=1)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
@@ -142,7 +143,11 @@ class TinyVLA(Policy):
         keys = self.key(small).view(b, self.o.heads, c, sh * sw)
         q = self.query(text).view(b, self.o.heads, c, 1)
         att = torch.softmax((keys * q).sum(2) * self.att_scale.exp(), dim=-1)  # [B, heads, P]
-        gy, gx = torch.meshgrid(torch.linspace(-1, 1, sh), torch.linspace(-1, 1, sw), indexing="ij")
+        gy, gx = torch.meshgrid(
+            torch.linspace(-1, 1, sh, device=dev),
+            torch.linspace(-1, 1, sw, device=dev),
+            indexing="ij",
+        )
         grid = torch.stack([gx.flatten(), gy.flatten()])  # [2, P]
         where = torch.einsum("bhp,kp->bhk", att, grid).flatten(1)
         feats = torch.cat([where, x.mean((2, 3)), inputs["proprio"], text], dim=1)
@@ -175,6 +180,7 @@ class TinyVLA(Policy):
             flat = logp_all.exp().view(b * d, nb)
             tokens = torch.multinomial(flat, 1, generator=generator).view(b, d)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens, logp = tokens.cpu(), logp.cpu()
         actions = self.actions.decode(tokens)
         return actions, tokens.numpy(), logp.numpy().astype(np.float32)
 

@@ -56,6 +56,13 @@ class ToyOptions(BackendOptions):
         0.15, gt=0, description="Gripper-to-block distance that counts as reached."
     )
     block_size: float = Field(0.12, gt=0, le=0.5, description="Block side, table fraction.")
+    antialias: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Supersampling factor: render at this multiple of image_size and average "
+        "down (smoother edges, costlier steps; the render-quality knob real simulators have).",
+    )
     layout_seed: int = Field(
         1234,
         description="Seeds the fixed initial layouts (not the run seed: layouts are "
@@ -94,7 +101,8 @@ class ToySimulator(Simulator):
         self.t = np.zeros(n, np.int64)
         self.task = np.zeros(n, np.int64)
         self.active = np.zeros(n, bool)
-        centers = (np.arange(o.image_size, dtype=np.float32) + 0.5) / o.image_size
+        hi = o.image_size * o.antialias
+        centers = (np.arange(hi, dtype=np.float32) + 0.5) / hi
         self._cx = centers[None, None, :]  # columns -> x
         self._cy = centers[None, :, None]  # rows -> y
 
@@ -174,7 +182,7 @@ class ToySimulator(Simulator):
         )
 
     def _observe(self, env_ids: np.ndarray) -> ObsBatch:
-        s = self.o.image_size
+        s = self.o.image_size * self.o.antialias
         n = len(env_ids)
         img = np.full((n, s, s, 3), _BACKGROUND, np.uint8)
         h = self.o.block_size / 2
@@ -188,11 +196,19 @@ class ToySimulator(Simulator):
         dx = np.abs(self._cx - g[:, 0, None, None])
         dy = np.abs(self._cy - g[:, 1, None, None])
         arm = 0.06
-        line = 0.6 / s
+        line = 0.6 / self.o.image_size
         cross = ((dx < line) & (dy < arm)) | ((dy < line) & (dx < arm))
         closed = self.closed[env_ids]
         img[cross & closed[:, None, None]] = _GRIPPER_CLOSED
         img[cross & ~closed[:, None, None]] = _GRIPPER_OPEN
+        if self.o.antialias > 1:
+            f, out = self.o.antialias, self.o.image_size
+            img = (
+                img.reshape(n, out, f, out, f, 3)
+                .mean(axis=(2, 4), dtype=np.float32)
+                .round()
+                .astype(np.uint8)
+            )
         proprio = np.concatenate([g, closed[:, None].astype(np.float32)], axis=1).astype(np.float32)
         instr = [self._tasks[int(t)].instruction for t in self.task[env_ids]]
         return ObsBatch(images={"agentview": img}, proprio=proprio, instructions=instr)
