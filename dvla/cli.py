@@ -78,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         coordinator = Coordinator(cfg, rundir, source=args.file)
         summary = coordinator.run()
     except DvlaError as err:
-        log.error("run failed", error=str(err), run_dir=str(rundir.root))
+        logs.get(f"{logs.FILE_ONLY}.run").error(
+            "run failed", error=str(err), run_dir=str(rundir.root)
+        )
         raise
     finally:
         rundir.close()

@@ -18,7 +18,9 @@ _SHARED: list[Any] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
-_FILE_HANDLER_NAME = "dvla-jsonl"
+#: Loggers under this name reach the JSON file only: e.g. a run's failure, which the CLI
+#: already reports on the console as its one ``error:`` line.
+FILE_ONLY = "dvla.fileonly"
 
 
 def configure(level: str = "info", json_file: Path | None = None) -> None:
@@ -45,6 +47,7 @@ def configure(level: str = "info", json_file: Path | None = None) -> None:
             foreign_pre_chain=_SHARED,
         )
     )
+    console.addFilter(lambda record: not record.name.startswith(FILE_ONLY))
     console._dvla = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if json_file is not None:

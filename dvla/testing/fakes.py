@@ -27,7 +27,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from dvla.backends.base import Policy, PolicyOutput, Simulator, SimulatorSpec, TaskSpec
+from dvla.backends.base import Simulator, SimulatorSpec, TaskSpec
+from dvla.backends.models.tokens import ActionTokenizer, TokenPolicy
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch, StepBatch, Trajectory, TrajectoryGroup
 
@@ -187,7 +188,7 @@ class FakePolicyOptions(BackendOptions):
     )
 
 
-class FakePolicy(Policy):
+class FakePolicy(TokenPolicy):
     """A linear map from proprioception to per-dimension token logits.
 
     Inputs are ``{"proprio": float32 [B, P]}``; logits have shape
@@ -202,10 +203,7 @@ class FakePolicy(Policy):
         o: FakePolicyOptions = options
         self.o = o
         self.action_dim = spec.action_dim
-        # Bin centres of a uniform binning of [-1, 1], as ActionTokenizer decodes tokens.
-        self.bin_centers = ((np.arange(o.action_bins) + 0.5) * (2.0 / o.action_bins) - 1.0).astype(
-            np.float32
-        )
+        self.actions = ActionTokenizer(o.action_bins)
         self.linear = nn.Linear(spec.proprio_dim, spec.action_dim * o.action_bins)
         gen = torch.Generator().manual_seed(o.init_seed)
         with torch.no_grad():
@@ -256,14 +254,8 @@ class FakePolicy(Policy):
             u = torch.rand(finite.shape, generator=generator).clamp_(1e-12, 1.0 - 1e-7)
             tokens = (finite - torch.log(-torch.log(u))).argmax(-1)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        actions = self.bin_centers[tokens.numpy()]
+        actions = self.actions.decode(tokens)
         return actions, tokens.numpy(), logp.numpy().astype(np.float32)
-
-    def evaluate(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> PolicyOutput:
-        logp_all = torch.log_softmax(self.logits(inputs), dim=-1)
-        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return PolicyOutput(logprobs=logp, entropy=entropy)
 
 
 def make_obs(

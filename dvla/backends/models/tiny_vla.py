@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from dvla.backends.base import Policy, PolicyOutput, SimulatorSpec
-from dvla.backends.models.tokens import ActionTokenizer, HashedWordTokenizer
+from dvla.backends.base import SimulatorSpec
+from dvla.backends.models.tokens import ActionTokenizer, HashedWordTokenizer, TokenPolicy
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch
 from dvla.errors import ConfigError
@@ -30,7 +30,7 @@ class TinyVLAOptions(BackendOptions):
     camera: str | None = Field(None, description="Camera to read; default the first one.")
     channels: tuple[int, int] = Field((16, 32), description="Conv widths of the encoder.")
     embed_dim: int = Field(32, ge=4, description="Instruction word-embedding size.")
-    heads: int = Field(2, ge=1, description="Instruction-to-image attention heads.")
+    heads: int = Field(4, ge=1, description="Instruction-to-pixel attention heads.")
     attention_scale: float = Field(
         8.0, gt=0, description="Initial sharpness (logit multiplier) of the pixel attention."
     )
@@ -58,7 +58,7 @@ class TinyVLAOptions(BackendOptions):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
 
 
-class TinyVLA(Policy):
+class TinyVLA(TokenPolicy):
     """The ``tiny-vla`` model backend."""
 
     Options = TinyVLAOptions
@@ -75,6 +75,7 @@ class TinyVLA(Policy):
                 f"(cameras: {', '.join(spec.cameras)})"
             )
         self.action_dim = spec.action_dim
+        self.temperature = o.temperature
         self.actions = ActionTokenizer(o.action_bins)
         self.words = HashedWordTokenizer(o.vocab_size, o.max_instruction_words)
         c1, c2 = o.channels
@@ -163,29 +164,3 @@ class TinyVLA(Policy):
         std = log_std.exp().clamp(self.o.min_std, self.o.max_std).expand(b, d)
         z = (self.bin_centers.view(1, 1, nb) - mean.unsqueeze(-1)) / std.unsqueeze(-1)
         return -0.5 * z * z
-
-    @torch.no_grad()
-    def act(
-        self,
-        inputs: dict[str, torch.Tensor],
-        *,
-        deterministic: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logp_all = torch.log_softmax(self.logits(inputs) / self.o.temperature, dim=-1)
-        if deterministic:
-            tokens = logp_all.argmax(-1)
-        else:
-            b, d, nb = logp_all.shape
-            flat = logp_all.exp().view(b * d, nb)
-            tokens = torch.multinomial(flat, 1, generator=generator).view(b, d)
-        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        tokens, logp = tokens.cpu(), logp.cpu()
-        actions = self.actions.decode(tokens)
-        return actions, tokens.numpy(), logp.numpy().astype(np.float32)
-
-    def evaluate(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> PolicyOutput:
-        logp_all = torch.log_softmax(self.logits(inputs) / self.o.temperature, dim=-1)
-        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return PolicyOutput(logprobs=logp, entropy=entropy)

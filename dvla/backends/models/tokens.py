@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from abc import abstractmethod
 
 import numpy as np
 import torch
+
+from dvla.backends.base import Policy, PolicyOutput
 
 
 class ActionTokenizer:
@@ -69,3 +72,47 @@ class HashedWordTokenizer:
         if not texts:
             return np.zeros((0, self.max_len), np.int64)
         return np.stack([self.encode_one(t) for t in texts])
+
+
+class TokenPolicy(Policy):
+    """A policy whose head gives logits over action tokens; acting and scoring follow.
+
+    Subclasses set ``self.actions`` (an :class:`ActionTokenizer`) and implement
+    :meth:`logits`; sampling, greedy decoding, log-probabilities and entropy are the same
+    for every such model, so they live here once.
+    """
+
+    actions: ActionTokenizer
+    temperature: float = 1.0
+
+    @abstractmethod
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token logits ``[B, D, bins]``."""
+
+    def _log_probs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.log_softmax(self.logits(inputs) / self.temperature, dim=-1)
+
+    @torch.no_grad()
+    def act(
+        self,
+        inputs: dict[str, torch.Tensor],
+        *,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logp_all = self._log_probs(inputs)
+        if deterministic:
+            tokens = logp_all.argmax(-1)
+        else:
+            b, d, nb = logp_all.shape
+            flat = logp_all.exp().view(b * d, nb)
+            tokens = torch.multinomial(flat, 1, generator=generator).view(b, d)
+        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens, logp = tokens.cpu(), logp.cpu()
+        return self.actions.decode(tokens), tokens.numpy(), logp.numpy().astype(np.float32)
+
+    def evaluate(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> PolicyOutput:
+        logp_all = self._log_probs(inputs)
+        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return PolicyOutput(logprobs=logp, entropy=entropy)
