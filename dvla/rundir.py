@@ -50,5 +50,18 @@ class RunDir:
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, self.summary_path)
 
+    def save_policy(self, state: dict[str, Any]) -> Path:
+        """Write the final policy weights atomically (load with ``weights_only=True``)."""
+        import torch
+
+        path = self.root / "policy.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        with tmp.open("wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
     def close(self) -> None:
         self._metrics.close()

@@ -291,7 +291,7 @@ def test_diverging_loss_exits_nonzero_with_one_line(
     assert code == 1, captured.out
     lines = error_lines(captured.err)
     assert len(lines) == 1
-    assert lines[0].startswith("error: loss became nan at policy version 0")
+    assert lines[0].startswith("error: policy version 0 gave NaN or infinite action log-prob")
     assert "Traceback" not in captured.err
     assert (run_dir / "metrics.jsonl").read_text() == ""  # failed in the first update
 

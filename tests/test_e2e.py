@@ -75,22 +75,30 @@ def test_max_staleness_zero_uses_only_on_policy_data(tmp_path: Path) -> None:
 
 
 def test_toy_learns_on_a_small_budget(tmp_path: Path) -> None:
-    """A clear rise over the random start (about 10%) within two minutes."""
+    """A clear rise over the random start (about 10%) in 200 updates, about 35 s.
+
+    Sync mode with a fixed seed is deterministic (no thread timing decides which policy
+    version acts), so this checks the learning machinery without flakiness; the async
+    run's time-to-target is the benchmark's and the slow test's business.
+    """
     run_dir = tmp_path / "learn"
     code = main(
         [
             "run", str(ROOT / "configs" / "toy.yaml"), "--run-dir", str(run_dir),
-            "--set", "run.target_success=0.5",
-            "--set", "run.max_wall_seconds=150",
+            "--set", "seed=7",
+            "--set", "pipeline.mode=sync",
+            "--set", "run.max_iterations=200",
+            "--set", "run.target_success=null",
             "--set", "run.eval_episodes=0",
         ]
     )  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    start = rows[min(20, len(rows) - 1)]["success_rate"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert start < 0.2
-    assert summary["success_rate"] >= 0.4, summary["success_rate"]
+    assert len(rows) == 200
+    start = rows[19]["success_rate"]  # the first ~600 episodes, near-random policy
+    end = rows[-1]["success_rate"]  # the last 512 episodes
+    assert start < 0.2, start
+    assert end >= 0.35 and end >= 2.5 * start, (start, end)
 
 
 @pytest.mark.slow

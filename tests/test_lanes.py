@@ -570,3 +570,22 @@ def test_infer_lane_answers_requests_queued_before_stop() -> None:
             infer.close()
 
     assert asyncio.run(main()).actions.shape == (1, 2)
+
+
+def test_learn_lane_refuses_to_publish_non_finite_weights() -> None:
+    from dvla.errors import TrainingError
+
+    lane, acc, bus, seen = learn_lane(groups_per_iteration=1)
+    group = make_group([1, 0, 0, 0], version=0)
+
+    def poison(*args: Any) -> dict[str, float]:
+        with torch.no_grad():
+            next(lane.policy.parameters()).fill_(float("nan"))
+        return {"loss": 0.0}
+
+    lane.algorithm.update = poison  # type: ignore[method-assign]
+    assert lane.admit(group)
+    with pytest.raises(TrainingError, match="weights became NaN or infinite"):
+        asyncio.run(lane.train())
+    assert bus.version == -1 and not seen  # nothing published, no iteration recorded
+    assert acc.discarded == 4 and acc.consumed == 0  # the batch is accounted for

@@ -287,6 +287,7 @@ class Coordinator:
             self.accounting.discarded += sum(len(g.trajectories) for g in self.learn.pending)
             self.accounting.discarded += self.sample.in_progress()
             self.learn.pending = []
+        self.rundir.save_policy(self.policy.state_dict())
         eval_result = None
         if self.cfg.run.eval_episodes:
             sim = self._make_sim(min(self.cfg.run.eval_episodes, 64), self.cfg.seed + 10_000)

@@ -15,7 +15,7 @@ import torch
 
 from dvla.config import InferConfig
 from dvla.data import ActionBatch, ObsBatch
-from dvla.errors import LaneError
+from dvla.errors import LaneError, TrainingError
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.weights import ReplicaSet
 
@@ -41,6 +41,11 @@ class InferLane(Lane):
             inputs = rep.policy.prepare(obs)
             actions, tokens, logprobs = rep.policy.act(inputs, generator=self._gen)
             version = rep.version
+        if not np.isfinite(logprobs).all():
+            raise TrainingError(
+                f"policy version {version} gave NaN or infinite action log-probabilities; "
+                "lower the learning rate or check observations"
+            )
         self.batches += 1
         self.observations += len(obs)
         self.max_batch_seen = max(self.max_batch_seen, len(obs))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dvla.backends.base import Algorithm, Policy
 from dvla.config import PipelineConfig
 from dvla.data import TrajectoryGroup
+from dvla.errors import TrainingError
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.weights import StateDict, WeightBus, snapshot
@@ -63,7 +64,17 @@ class LearnLane(Lane):
         metrics = self.algorithm.update(
             groups, self.version, self.cfg.max_staleness, self.cfg.importance_correction
         )
-        return metrics, snapshot(self.policy)
+        state = snapshot(self.policy)
+        # A finite loss can still step the weights to inf/NaN (e.g. a huge learning rate);
+        # catch it here, before inference samples from a broken policy.
+        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:
+            raise TrainingError(
+                f"weights became NaN or infinite in update {self.iteration + 1} "
+                f"(policy version {self.version}, e.g. '{broken[0]}'); "
+                "lower the learning rate or check rewards and observations"
+            )
+        return metrics, state
 
     async def train(self) -> dict[str, float]:
         """One update on the pending groups; publishes new weights."""

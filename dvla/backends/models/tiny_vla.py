@@ -32,7 +32,7 @@ class TinyVLAOptions(BackendOptions):
     embed_dim: int = Field(32, ge=4, description="Instruction word-embedding size.")
     heads: int = Field(4, ge=1, description="Instruction-to-pixel attention heads.")
     attention_scale: float = Field(
-        8.0, gt=0, description="Initial sharpness (logit multiplier) of the pixel attention."
+        16.0, gt=0, description="Initial sharpness (logit multiplier) of the pixel attention."
     )
     hidden: int = Field(128, ge=8, description="Width of the fused MLP.")
     vocab_size: int = Field(512, ge=8, description="Hashed instruction vocabulary size.")

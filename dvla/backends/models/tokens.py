@@ -105,7 +105,7 @@ class TokenPolicy(Policy):
             tokens = logp_all.argmax(-1)
         else:
             b, d, nb = logp_all.shape
-            flat = logp_all.exp().view(b * d, nb)
+            flat = logp_all.exp().view(b * d, nb).nan_to_num(nan=1.0, posinf=1.0)
             tokens = torch.multinomial(flat, 1, generator=generator).view(b, d)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         tokens, logp = tokens.cpu(), logp.cpu()

@@ -53,9 +53,9 @@ class ToyOptions(BackendOptions):
         0.25, gt=0, le=1, description="Table fraction moved per step at full action."
     )
     success_radius: float = Field(
-        0.15, gt=0, description="Gripper-to-block distance that counts as reached."
+        0.2, gt=0, description="Gripper-to-block distance that counts as reached."
     )
-    block_size: float = Field(0.12, gt=0, le=0.5, description="Block side, table fraction.")
+    block_size: float = Field(0.16, gt=0, le=0.5, description="Block side, table fraction.")
     antialias: int = Field(
         1,
         ge=1,
