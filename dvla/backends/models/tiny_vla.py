@@ -30,7 +30,7 @@ class TinyVLAOptions(BackendOptions):
     camera: str | None = Field(None, description="Camera to read; default the first one.")
     channels: tuple[int, int] = Field((16, 32), description="Conv widths of the encoder.")
     embed_dim: int = Field(32, ge=4, description="Instruction word-embedding size.")
-    heads: int = Field(4, ge=1, description="Instruction-to-pixel attention heads.")
+    heads: int = Field(8, ge=1, description="Instruction-to-pixel attention heads.")
     attention_scale: float = Field(
         16.0, gt=0, description="Initial sharpness (logit multiplier) of the pixel attention."
     )
