@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from dvla import __version__, logs, registry
-from dvla.config import PipelineFile, load_config
+from dvla.config import PipelineFile, backend_sections, load_config
 from dvla.errors import ConfigError, DvlaError
 
 
@@ -32,12 +32,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def load_and_check(path: str, sets: Sequence[str] = ()) -> PipelineFile:
     """Load a pipeline file and validate every backend section's options."""
     cfg = load_config(path, _parse_set(sets))
-    for section, spec in (
-        ("simulator", cfg.simulator),
-        ("model", cfg.model),
-        ("algorithm", cfg.algorithm),
-        ("optimizer", cfg.optimizer),
-    ):
+    for section, spec in backend_sections(cfg).items():
         registry.build_options(section, spec, path)
     return cfg
 

@@ -54,9 +54,10 @@ class EpisodeSource:
         with self._lock:
             while len(out) < n:
                 if not self._queue:
-                    if self._limited and self._allowed == 0:
-                        break
-                    self._allowed -= 1
+                    if self._limited:
+                        if self._allowed == 0:
+                            break
+                        self._allowed -= 1
                     task = int(self._rng.integers(len(self._num_init)))
                     init = int(self._rng.integers(self._num_init[task]))
                     gid = self._next_group
