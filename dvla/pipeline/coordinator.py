@@ -218,7 +218,6 @@ class Coordinator:
         queue: asyncio.Queue[TrajectoryGroup] = asyncio.Queue(
             maxsize=self.cfg.pipeline.queue_groups
         )
-        self._queue = queue
 
         async def emit(group: TrajectoryGroup) -> None:
             while not stop.is_set():

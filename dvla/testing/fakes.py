@@ -234,29 +234,6 @@ class FakePolicy(TokenPolicy):
             out = out + float("nan")
         return out
 
-    @torch.no_grad()
-    def act(
-        self,
-        inputs: dict[str, torch.Tensor],
-        *,
-        deterministic: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logp_all = torch.log_softmax(self.logits(inputs), dim=-1)
-        # Tokens are chosen from NaN-free logits (NaN counts as uniform), so a policy told
-        # to emit NaN still acts and the divergence surfaces where it would be caught: in
-        # the returned log-probabilities and in the learner's loss.
-        finite = torch.nan_to_num(logp_all, nan=0.0)
-        if deterministic:
-            tokens = finite.argmax(-1)
-        else:
-            # Gumbel-max: a sample from softmax(logits) drawn with ``generator``.
-            u = torch.rand(finite.shape, generator=generator).clamp_(1e-12, 1.0 - 1e-7)
-            tokens = (finite - torch.log(-torch.log(u))).argmax(-1)
-        logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        actions = self.actions.decode(tokens)
-        return actions, tokens.numpy(), logp.numpy().astype(np.float32)
-
 
 def make_obs(
     n: int,
