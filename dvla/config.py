@@ -115,12 +115,84 @@ class PipelineConfig(Strict):
         gt=0,
         description="Longest a single lane step may take before the run fails as hung.",
     )
+    sample_processes: int = Field(
+        0,
+        ge=0,
+        description="0: simulators run in this process; N: in N sampler processes that talk "
+        "to the coordinator over the data plane (async mode only).",
+    )
     infer: InferConfig = Field(default_factory=InferConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _shards_fit(self) -> PipelineConfig:
         if self.shards > self.num_envs:
             raise ValueError(f"shards ({self.shards}) cannot exceed num_envs ({self.num_envs})")
+        if self.sample_processes:
+            if self.mode != "async":
+                raise ValueError("sample_processes needs mode: async")
+            if self.sample_processes > self.shards:
+                raise ValueError(
+                    f"sample_processes ({self.sample_processes}) cannot exceed "
+                    f"shards ({self.shards})"
+                )
+        return self
+
+
+class TlsConfig(Strict):
+    """Certificates for TLS on data-plane TCP between hosts; both ends verify each other."""
+
+    cert: str = Field(description="PEM certificate of this end.")
+    key: str = Field(description="PEM private key of this end.")
+    ca: str = Field(description="PEM CA bundle the peer's certificate must chain to.")
+
+
+class DataPlaneConfig(Strict):
+    """The msgpack-framed channels that carry observations, actions and trajectories."""
+
+    transport: Literal["auto", "tcp", "unix", "ucx"] = Field(
+        "auto",
+        description="auto: a Unix socket when both ends share a host, else TCP; "
+        "ucx needs the [ucx] extra.",
+    )
+    host: str = Field(
+        "127.0.0.1", description="Address the coordinator listens on (loopback by default)."
+    )
+    port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    secret: str | None = Field(
+        None,
+        description="Shared secret for the HMAC handshake; default: the secret_env variable, "
+        "or a fresh random one for processes that `dvla run` starts itself.",
+    )
+    secret_env: str = Field("DVLA_SECRET", description="Environment variable holding the secret.")
+    tls: TlsConfig | None = Field(None, description="TLS for TCP between hosts.")
+    max_frame_bytes: int = Field(
+        256 * 1024 * 1024, ge=4096, description="Largest frame accepted; larger closes the link."
+    )
+    send_queue_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes queued per connection before senders wait (backpressure).",
+    )
+    handshake_timeout_s: float = Field(
+        5.0, gt=0, description="A peer must complete the handshake within this."
+    )
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="An idle connection sends a heartbeat this often."
+    )
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="A connection silent for this long is closed as dead."
+    )
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a sender keeps retrying to (re)connect."
+    )
+    unacked_chunks: int = Field(
+        32, ge=1, description="Trajectory chunks in flight without an ack before senders wait."
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> DataPlaneConfig:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
         return self
 
 
@@ -131,6 +203,7 @@ class PipelineFile(Strict):
     seed: int = Field(0, description="Seeds simulators, model initialisation and sampling.")
     run: RunConfig = Field(default_factory=RunConfig)  # type: ignore[arg-type]
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)  # type: ignore[arg-type]
+    data_plane: DataPlaneConfig = Field(default_factory=DataPlaneConfig)  # type: ignore[arg-type]
     simulator: BackendSection
     model: BackendSection
     algorithm: BackendSection

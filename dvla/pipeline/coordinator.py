@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dvla import logs, registry
-from dvla.backends.base import Algorithm, Policy, Simulator
+from dvla.backends.base import Algorithm, Policy, Simulator, SimulatorSpec
 from dvla.config import PipelineFile
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError, LaneError, SimulatorError
@@ -26,6 +26,7 @@ from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
+from dvla.pipeline.remote import RemoteSampleLane
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
@@ -81,7 +82,7 @@ class Coordinator:
         self.stop_reason = "running"
         self._t0 = 0.0
         self._stop: asyncio.Event | None = None
-        self._lanes: list[Lane] = []
+        self._lanes: list[Lane | RemoteSampleLane] = []
         self._build()
 
     # ----------------------------------------------------------------- building
@@ -94,20 +95,27 @@ class Coordinator:
         )
         sims: list[Simulator] = []
         try:
-            for i, n in enumerate(_split(p.num_envs, p.shards)):
-                sims.append(self._make_sim(n, cfg.seed + i))
-            self._build_rest(sims)
+            if p.sample_processes:
+                # Simulators live in sampler processes; one environment here tells the
+                # model the observation and action spec, then goes away.
+                probe = self._make_sim(1, cfg.seed)
+                spec = probe.spec
+                probe.close()
+            else:
+                for i, n in enumerate(_split(p.num_envs, p.shards)):
+                    sims.append(self._make_sim(n, cfg.seed + i))
+                spec = sims[0].spec
+            self._build_rest(sims, spec)
         except BaseException:
             for sim in sims:
                 sim.close()
             raise
 
-    def _build_rest(self, sims: list[Simulator]) -> None:
+    def _build_rest(self, sims: list[Simulator], spec: SimulatorSpec) -> None:
         cfg, p = self.cfg, self.cfg.pipeline
         model_cls, model_opts = registry.build_options("model", cfg.model, self.source)
         algo_cls, algo_opts = registry.build_options("algorithm", cfg.algorithm, self.source)
         opt_cls, opt_opts = registry.build_options("optimizer", cfg.optimizer, self.source)
-        spec = sims[0].spec
         self.policy: Policy = model_cls(model_opts, spec)
         optimizer = opt_cls(opt_opts).build(self.policy.parameters())
         self.algorithm: Algorithm = algo_cls(algo_opts, self.policy, optimizer)
@@ -123,15 +131,26 @@ class Coordinator:
         ]
         self.bus = LocalWeightBus()
         self.replicas = ReplicaSet(self.policy)
-        self.sample = SampleLane(
-            shards, self.algorithm.group_size, self.accounting, p.lane_timeout_s
-        )
+        self.sample: SampleLane | RemoteSampleLane
+        if p.sample_processes:
+            self.sample = RemoteSampleLane(
+                cfg, self.algorithm.group_size, self.accounting, self.rundir.root
+            )
+        else:
+            self.sample = SampleLane(
+                shards, self.algorithm.group_size, self.accounting, p.lane_timeout_s
+            )
         self.infer = InferLane(self.replicas, p.infer, p.lane_timeout_s, cfg.seed)
         self.learn = LearnLane(
             self.algorithm, self.policy, self.bus, self.accounting, p, self._on_iteration
         )
         self.sync = SyncLane(self.bus, self.replicas, p.lane_timeout_s)
-        self._lanes = [self.sample, self.infer, self.learn, self.sync]
+        self._lanes = [
+            self.sample,
+            self.infer,
+            self.learn,
+            self.sync,
+        ]
 
     def _make_sim(self, num_envs: int, seed: int) -> Simulator:
         try:
@@ -233,16 +252,21 @@ class Coordinator:
             tg.create_task(self.learn.run(queue, stop), name="learn")
             tg.create_task(self.sync.run(stop), name="sync")
             tg.create_task(self._progress(stop), name="progress")
-            for shard in self.sample.shards:
-                tg.create_task(
-                    self.sample.run_shard(shard, self.infer.request, emit, stop), name=shard.id
-                )
+            if isinstance(self.sample, RemoteSampleLane):
+                tg.create_task(self.sample.run(self.infer.request, emit, stop), name="samplers")
+            else:
+                for shard in self.sample.shards:
+                    tg.create_task(
+                        self.sample.run_shard(shard, self.infer.request, emit, stop),
+                        name=shard.id,
+                    )
         while not queue.empty():
             self.accounting.discarded += len(queue.get_nowait().trajectories)
 
     async def _run_sync(self, stop: asyncio.Event) -> None:
         progress = asyncio.create_task(self._progress(stop))
         try:
+            assert isinstance(self.sample, SampleLane)
             while not stop.is_set():
                 groups = await self.sample.rollout(
                     self.cfg.pipeline.groups_per_iteration, self.infer.forward

@@ -33,8 +33,19 @@ class EpisodeSource:
     so an iteration runs exactly the groups it trains on.
     """
 
-    def __init__(self, tasks: list[int], group_size: int, seed: int, limited: bool) -> None:
+    def __init__(
+        self,
+        tasks: list[int],
+        group_size: int,
+        seed: int,
+        limited: bool,
+        group_offset: int = 0,
+        group_stride: int = 1,
+    ) -> None:
         self._num_init = tasks
+        # Sampler processes draw group ids offset, offset + stride, ...: unique run-wide.
+        self._offset = group_offset
+        self._stride = group_stride
         self._g = group_size
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -60,7 +71,7 @@ class EpisodeSource:
                         self._allowed -= 1
                     task = int(self._rng.integers(len(self._num_init)))
                     init = int(self._rng.integers(self._num_init[task]))
-                    gid = self._next_group
+                    gid = self._offset + self._next_group * self._stride
                     self._next_group += 1
                     self._queue.extend([(gid, task, init)] * self._g)
                 out.append(self._queue.popleft())
