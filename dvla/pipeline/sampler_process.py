@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import sys
 from typing import Any
 
@@ -49,7 +50,8 @@ async def run(doc: dict[str, Any]) -> None:
         group_offset=index,
         group_stride=p.sample_processes,
     )
-    producer = f"sampler{index}"
+    # A restarted sampler is a new producer: its sequence numbers start again at 1.
+    producer = f"sampler{index}-{secrets.token_hex(4)}"
     shards = [
         EnvShard(f"{producer}-shard{j}", sim, cfg.simulator.name, source)
         for j, sim in enumerate(sims)

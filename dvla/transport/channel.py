@@ -194,7 +194,7 @@ class DataPlaneClient:
                     self.url, self.cfg, self.secret, self.producer, max(remaining, 0.1)
                 )
             except ChannelError as err:
-                if "handshake" in str(err) and "auth" in str(err):
+                if "authentication" in str(err):
                     raise  # a wrong secret does not get better by retrying
                 if time.monotonic() + delay >= deadline:
                     raise ChannelError(
@@ -211,7 +211,8 @@ class DataPlaneClient:
                 assert conn is not None
                 await self._receive(conn)
                 reason = conn.close_reason or ""
-                if self._closing or reason.startswith("peer closed:"):
+                # A goodbye or a protocol error from the server: reconnecting cannot help.
+                if self._closing or reason.startswith(("peer closed:", "peer reported")):
                     self._stop(reason)
                     return
                 log.info("data plane connection lost; reconnecting", reason=reason)

@@ -107,7 +107,11 @@ def validate(msg_type: MsgType, body: Any) -> dict[str, Any]:
     Raises:
         FrameError: code ``schema`` naming the first offending field.
     """
-    return _check(msg_type.name, body, _SCHEMAS[msg_type], _OPTIONAL.get(msg_type))
+    checked = _check(msg_type.name, body, _SCHEMAS[msg_type], _OPTIONAL.get(msg_type))
+    deep = _DEEP.get(msg_type)
+    if deep is not None:
+        deep(checked)  # row counts, dtypes, nested records: valid whole or not at all
+    return checked
 
 
 def _rows(where: str, arrays: dict[str, np.ndarray], n: int) -> None:
@@ -224,3 +228,10 @@ def group_from_body(body: dict[str, Any]) -> TrajectoryGroup:
         if t.group_id != g["group_id"]:
             raise FrameError("schema", "TRAJ_CHUNK: a trajectory belongs to another group")
     return TrajectoryGroup(g["group_id"], g["task_id"], g["init_state_id"], trajs)
+
+
+_DEEP: dict[MsgType, Any] = {
+    MsgType.OBS_BATCH: obs_from_body,
+    MsgType.ACTION_BATCH: action_from_body,
+    MsgType.TRAJ_CHUNK: group_from_body,
+}

@@ -35,9 +35,9 @@ from dvla.transport.frames import (
 log = logs.get(__name__)
 
 #: Received frames buffered before reading pauses (receive-side backpressure).
-_RECV_HIGH = 32 * 1024 * 1024
-_RECV_LOW = 8 * 1024 * 1024
-_INBOX = 64
+_RECV_HIGH = 8 * 1024 * 1024
+_RECV_LOW = 2 * 1024 * 1024
+_INBOX = 16
 
 
 class ChannelError(DvlaError):
@@ -233,8 +233,11 @@ class Connection:
         if role == "client":
             self._write_now(MsgType.HELLO, hello)
         theirs = await self._expect(MsgType.HELLO, deadline)
-        if theirs["role"] == role:
-            raise FrameError("handshake", f"both ends claim the role {role}")
+        peer_role = "server" if role == "client" else "client"
+        if theirs["role"] != peer_role:
+            raise FrameError("handshake", f"expected a {peer_role}, got role {theirs['role']!r}")
+        if len(theirs["nonce"]) != auth.NONCE_BYTES:
+            raise FrameError("handshake", f"nonce must be {auth.NONCE_BYTES} bytes")
         if role == "server":
             self._write_now(MsgType.HELLO, hello)
         self.peer, self.peer_host = theirs["peer"][:64], theirs["host"]
@@ -243,8 +246,9 @@ class Connection:
             self._write_now(
                 MsgType.AUTH, {"proof": auth.proof(secret, role, mine, theirs["nonce"])}
             )
+            # The server may follow its AUTH with large frames in the same read.
+            self.protocol.decoder.max_frame = self.cfg.max_frame_bytes
         got = await self._expect(MsgType.AUTH, deadline)
-        peer_role = "server" if role == "client" else "client"
         if not auth.verify(secret, peer_role, theirs["nonce"], mine, got["proof"]):
             raise FrameError("auth", f"{peer_role} failed authentication (wrong secret?)")
         if role == "server":
@@ -269,6 +273,11 @@ class Connection:
         """
         bufs = encode_frame(msg_type, body)
         size = sum(len(b) for b in bufs)
+        if size > self.cfg.max_frame_bytes:
+            raise ChannelError(
+                f"data plane: a {msg_type.name} of {size} bytes exceeds "
+                f"data_plane.max_frame_bytes ({self.cfg.max_frame_bytes})"
+            )
         deadline = time.monotonic() + timeout
         while self._queued and self._queued + size > self.cfg.send_queue_bytes:
             if self.closed.is_set():
@@ -338,9 +347,12 @@ class Connection:
         reason = "peer closed the connection"
         try:
             while True:
+                seen = self.protocol.decoder.bytes_in
                 try:
                     frame = await self.protocol.next_frame(self.cfg.heartbeat_timeout_s)
                 except TimeoutError:
+                    if self.protocol.decoder.bytes_in != seen:
+                        continue  # a large frame is still arriving: the peer is alive
                     reason = f"peer silent for {self.cfg.heartbeat_timeout_s:g} s"
                     break
                 if frame is None:

@@ -254,6 +254,8 @@ async def connect(
     try:
         await conn.handshake(secret, "client", name, None)
     except FrameError as err:
+        if not err.code.startswith("peer-"):
+            proto.fail(err)  # tell the server why, as it would tell us
         transport.close()
         raise ChannelError(f"data plane: handshake with {url} failed: {err}") from None
     conn.start()
