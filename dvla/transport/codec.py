@@ -62,6 +62,14 @@ _TRAJ_FIELDS: dict[str, tuple[type, ...]] = {
     "rewards": (np.ndarray,),
     "success": (bool,),
 }
+_ACT_DT = {"actions": np.float32, "tokens": np.int64, "logprobs": np.float32}
+_TRAJ_DT = {
+    "proprio": np.float32,
+    "tokens": np.int64,
+    "logprobs": np.float32,
+    "versions": np.int64,
+    "rewards": np.float32,
+}
 _GROUP_FIELDS: dict[str, tuple[type, ...]] = {
     "group_id": (int,),
     "task_id": (int,),
@@ -114,10 +122,18 @@ def validate(msg_type: MsgType, body: Any) -> dict[str, Any]:
     return checked
 
 
-def _rows(where: str, arrays: dict[str, np.ndarray], n: int) -> None:
+def _rows(
+    where: str, arrays: dict[str, np.ndarray], n: int, dtypes: dict[str, Any] | None = None
+) -> None:
+    """Every array has ``n`` rows and, where ``dtypes`` names one, exactly that dtype."""
     for key, arr in arrays.items():
         if arr.ndim == 0 or arr.shape[0] != n:
             raise FrameError("schema", f"{where}: '{key}' has {arr.shape} rows, expected {n}")
+        want = (dtypes or {}).get(key)
+        if want is not None and arr.dtype != want:
+            raise FrameError(
+                "schema", f"{where}: '{key}' must be {np.dtype(want)}, not {arr.dtype}"
+            )
 
 
 def _strings(where: str, key: str, items: list[Any]) -> list[str]:
@@ -150,7 +166,8 @@ def obs_from_body(body: dict[str, Any]) -> tuple[int, ObsBatch]:
     instructions = _strings(where, "instructions", body["instructions"])
     images = _images(where, body["images"])
     n = len(instructions)
-    _rows(where, {"proprio": body["proprio"], **images}, n)
+    _rows(where, {"proprio": body["proprio"]}, n, {"proprio": np.float32})
+    _rows(where, images, n)
     return body["req"], ObsBatch(images, body["proprio"], instructions)
 
 
@@ -169,7 +186,7 @@ def action_body(req: int, act: ActionBatch) -> dict[str, Any]:
 def action_from_body(body: dict[str, Any]) -> tuple[int, ActionBatch]:
     """The request id and actions of a validated ACTION_BATCH body."""
     n = len(body["actions"]) if body["actions"].ndim else -1
-    _rows("ACTION_BATCH", {k: body[k] for k in ("actions", "tokens", "logprobs")}, n)
+    _rows("ACTION_BATCH", {k: body[k] for k in ("actions", "tokens", "logprobs")}, n, _ACT_DT)
     return body["req"], ActionBatch(
         body["actions"], body["tokens"], body["logprobs"], body["version"]
     )
@@ -201,8 +218,10 @@ def traj_from_dict(d: Any) -> Trajectory:
     d = _check(where, d, _TRAJ_FIELDS)
     images = _images(where, d["images"])
     n = len(d["tokens"]) if d["tokens"].ndim else -1
-    arrays = {k: d[k] for k in ("proprio", "logprobs", "versions", "rewards")}
-    _rows(where, {**arrays, **images}, n)
+    if n < 1:
+        raise FrameError("schema", f"{where}: a trajectory needs at least one step")
+    _rows(where, {k: d[k] for k in _TRAJ_DT}, n, _TRAJ_DT)
+    _rows(where, images, n)
     return Trajectory(**{**d, "images": images})
 
 
@@ -224,6 +243,8 @@ def group_from_body(body: dict[str, Any]) -> TrajectoryGroup:
     """The group of a validated TRAJ_CHUNK body."""
     g = _check("TRAJ_CHUNK group", body["group"], _GROUP_FIELDS)
     trajs = [traj_from_dict(t) for t in body["trajectories"]]
+    if not trajs:
+        raise FrameError("schema", "TRAJ_CHUNK: a chunk carries at least one trajectory")
     for t in trajs:
         if t.group_id != g["group_id"]:
             raise FrameError("schema", "TRAJ_CHUNK: a trajectory belongs to another group")

@@ -33,6 +33,9 @@ EXT_TENSOR = 1
 MAX_NDIM = 8
 #: Largest frame accepted before the peer has authenticated.
 PRE_AUTH_MAX_FRAME = 4096
+#: Largest msgpack section. Bulk data travels in the blob section; this caps the Python
+#: objects a body can unpack into (msgpack inflates up to ~64x: 1 MiB stays < 64 MiB).
+MAX_META = 1024 * 1024
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 _PAD = bytes(BLOB_ALIGN)
 
@@ -134,7 +137,8 @@ def _as_wire_array(obj: Any) -> np.ndarray | None:
     if arr.dtype.newbyteorder("<").str not in _NAME_OF:
         raise FrameError("tensor", f"dtype {arr.dtype} cannot travel on the data plane")
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+        arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
     return arr
 
 
@@ -200,6 +204,8 @@ def parse_header(header: bytes | memoryview, max_frame: int) -> tuple[MsgType, i
     if flags:
         raise FrameError("flags", f"flags {flags:#x} are not defined in protocol version 1")
     size = HEADER_SIZE + meta_len + blob_len
+    if meta_len > MAX_META:
+        raise FrameError("too-large", f"msgpack section of {meta_len} bytes exceeds {MAX_META}")
     if size > max_frame:
         raise FrameError("too-large", f"frame of {size} bytes exceeds the limit of {max_frame}")
     if blob_len % BLOB_ALIGN:
@@ -267,6 +273,8 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, scratch: int = 256 * 1024) -> None:
+        if scratch < HEADER_SIZE:
+            raise ValueError(f"scratch buffer of {scratch} bytes cannot hold a header")
         self.max_frame = max_frame
         self._scratch = bytearray(scratch)
         self._sview = memoryview(self._scratch)
