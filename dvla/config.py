@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from dvla.errors import ConfigError
 
@@ -158,7 +158,8 @@ class DataPlaneConfig(Strict):
         "127.0.0.1", description="Address the coordinator listens on (loopback by default)."
     )
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-    secret: str | None = Field(
+    # SecretStr: dumps (config.yaml in the run directory, logs) show '**********'.
+    secret: SecretStr | None = Field(
         None,
         description="Shared secret for the HMAC handshake; default: the secret_env variable, "
         "or a fresh random one for processes that `dvla run` starts itself.",

@@ -37,8 +37,9 @@ def _split(n: int, parts: int) -> list[int]:
 def run_secret(cfg: PipelineFile) -> Secret:
     """The configured secret, else the environment's, else a fresh one for this run."""
     dp = cfg.data_plane
-    if dp.secret is not None or os.environ.get(dp.secret_env):
-        return Secret.resolve(dp.secret, dp.secret_env)
+    configured = dp.secret.get_secret_value() if dp.secret is not None else None
+    if configured is not None or os.environ.get(dp.secret_env):
+        return Secret.resolve(configured, dp.secret_env)
     return Secret.generate()
 
 

@@ -57,7 +57,8 @@ async def run(doc: dict[str, Any]) -> None:
         for j, sim in enumerate(sims)
     ]
     lane = SampleLane(shards, int(doc["group_size"]), Accounting(), p.lane_timeout_s)
-    secret = Secret.resolve(cfg.data_plane.secret, cfg.data_plane.secret_env)
+    # The parent always passes the secret in the environment (the config dump masks it).
+    secret = Secret.resolve(None, cfg.data_plane.secret_env)
     client = DataPlaneClient(doc["url"], cfg.data_plane, secret, producer)
     await client.start()
     stop = asyncio.Event()
