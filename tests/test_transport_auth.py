@@ -20,7 +20,7 @@ def test_secret_never_shows_in_reprs_or_config_dumps() -> None:
 
 def test_secret_resolution_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DVLA_TEST_SECRET", raising=False)
-    with pytest.raises(ConfigError, match="no data-plane secret: set data_plane.secret or the"):
+    with pytest.raises(ConfigError, match=r"no data-plane secret: set data_plane\.secret or the"):
         auth.Secret.resolve(None, "DVLA_TEST_SECRET")
     monkeypatch.setenv("DVLA_TEST_SECRET", "short")
     with pytest.raises(ConfigError, match="at least 16"):
