@@ -100,6 +100,34 @@ def test_roundtrip_and_zero_copy_views(transport: TransportUnderTest) -> None:
     run(main())
 
 
+def test_send_many_batches_preserve_order_and_split_when_large(
+    transport: TransportUnderTest,
+) -> None:
+    async def main() -> None:
+        coll = Collector()
+        lst = await transport.serve(coll, transport.config())
+        conn = await transport.client(lst, transport.config())
+        long_name = "p" * 6000  # 256 such ACKs exceed the 1 MiB msgpack cap: split
+        msgs: list[tuple[MsgType, dict[str, Any]]] = [
+            (MsgType.OBS_BATCH, codec.obs_body(i, small_obs(i))) for i in range(300)
+        ]
+        msgs += [(MsgType.ACK, {"producer": long_name, "seq": i}) for i in range(256)]
+        msgs += [(MsgType.OBS_BATCH, codec.obs_body(1000, small_obs(3)))]
+        await conn.send_many(msgs)
+        await wait_until(lambda: len(coll.messages) == len(msgs), 20)
+        assert coll.reqs() == [*range(300), 1000]
+        got_acks = [b["seq"] for t, b in coll.messages if t == MsgType.ACK]
+        assert got_acks == list(range(256))
+        _, obs = codec.obs_from_body(coll.messages[5][1])
+        assert np.array_equal(obs.images["cam"], small_obs(5).images["cam"])
+        # Batching is what makes many small messages cheap: far fewer frames than messages.
+        assert conn.stats.frames_out < 20
+        await conn.close()
+        await lst.close()
+
+    run(main())
+
+
 def test_split_at_every_offset(transport: TransportUnderTest) -> None:
     async def main() -> None:
         coll = Collector()
@@ -197,6 +225,14 @@ BAD_INPUTS: dict[str, tuple[bytes, str]] = {
                 "instructions": ["a"],
             },
         ),
+        "schema",
+    ),
+    "batch-of-control": (
+        frame_bytes(MsgType.BATCH, {"type": int(MsgType.CLOSE), "items": [{"reason": "x"}]}),
+        "schema",
+    ),
+    "batch-bad-item": (
+        frame_bytes(MsgType.BATCH, {"type": int(MsgType.ACK), "items": [{"producer": 1}]}),
         "schema",
     ),
     "handshake-again": (frame_bytes(MsgType.AUTH, {"proof": b"x" * 32}), "handshake"),

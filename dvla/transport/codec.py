@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dvla.data import ActionBatch, ObsBatch, Trajectory, TrajectoryGroup
-from dvla.transport.frames import FrameError, MsgType
+from dvla.transport.frames import BATCHABLE, FrameError, MsgType
 
 #: Field name -> expected Python/numpy type, per message type (the schema of protocol.md).
 _SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
@@ -41,6 +41,7 @@ _SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.HEARTBEAT: {"t": (float, int)},
     MsgType.ERROR: {"code": (str,), "message": (str,)},
     MsgType.CLOSE: {"reason": (str,)},
+    MsgType.BATCH: {"type": (int,), "items": (list,)},
 }
 #: Optional fields (same format); anything else is rejected.
 _OPTIONAL: dict[MsgType, dict[str, tuple[type, ...]]] = {
@@ -117,9 +118,19 @@ def validate(msg_type: MsgType, body: Any) -> dict[str, Any]:
     """
     checked = _check(msg_type.name, body, _SCHEMAS[msg_type], _OPTIONAL.get(msg_type))
     deep = _DEEP.get(msg_type)
-    if deep is not None:
-        deep(checked)  # row counts, dtypes, nested records: valid whole or not at all
-    return checked
+    if deep is None:
+        return checked
+    # Row counts, dtypes, nested records: a message is valid whole or not at all. The
+    # record built while checking rides along, so the receiver does not build it twice.
+    out = Body(checked)
+    out.record = deep(checked)
+    return out
+
+
+class Body(dict[str, Any]):
+    """A validated body; ``record`` is what its ``*_from_body`` converter returns."""
+
+    record: Any = None
 
 
 def _rows(
@@ -162,6 +173,8 @@ def obs_body(req: int, obs: ObsBatch) -> dict[str, Any]:
 
 def obs_from_body(body: dict[str, Any]) -> tuple[int, ObsBatch]:
     """The request id and observations of a validated OBS_BATCH body."""
+    if isinstance(body, Body) and body.record is not None:
+        return body.record  # type: ignore[no-any-return]
     where = "OBS_BATCH"
     instructions = _strings(where, "instructions", body["instructions"])
     images = _images(where, body["images"])
@@ -185,6 +198,8 @@ def action_body(req: int, act: ActionBatch) -> dict[str, Any]:
 
 def action_from_body(body: dict[str, Any]) -> tuple[int, ActionBatch]:
     """The request id and actions of a validated ACTION_BATCH body."""
+    if isinstance(body, Body) and body.record is not None:
+        return body.record  # type: ignore[no-any-return]
     n = len(body["actions"]) if body["actions"].ndim else -1
     _rows("ACTION_BATCH", {k: body[k] for k in ("actions", "tokens", "logprobs")}, n, _ACT_DT)
     return body["req"], ActionBatch(
@@ -241,6 +256,8 @@ def chunk_body(producer: str, seq: int, group: TrajectoryGroup) -> dict[str, Any
 
 def group_from_body(body: dict[str, Any]) -> TrajectoryGroup:
     """The group of a validated TRAJ_CHUNK body."""
+    if isinstance(body, Body) and body.record is not None:
+        return body.record  # type: ignore[no-any-return]
     g = _check("TRAJ_CHUNK group", body["group"], _GROUP_FIELDS)
     trajs = [traj_from_dict(t) for t in body["trajectories"]]
     if not trajs:
@@ -251,7 +268,28 @@ def group_from_body(body: dict[str, Any]) -> TrajectoryGroup:
     return TrajectoryGroup(g["group_id"], g["task_id"], g["init_state_id"], trajs)
 
 
+def batch_body(msg_type: MsgType, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """A BATCH body: several messages of one type in one frame, sharing its blob section."""
+    return {"type": int(msg_type), "items": bodies}
+
+
+def batch_from_body(body: dict[str, Any]) -> list[tuple[MsgType, dict[str, Any]]]:
+    """The messages of a BATCH body, each validated as if it had come in its own frame."""
+    if isinstance(body, Body) and body.record is not None:
+        return body.record  # type: ignore[no-any-return]
+    code = body["type"]
+    if code not in _BATCHABLE_CODES:
+        raise FrameError("schema", f"BATCH: message type {code} cannot be batched")
+    mtype = MsgType(code)
+    if not body["items"]:
+        raise FrameError("schema", "BATCH: no items")
+    return [(mtype, validate(mtype, item)) for item in body["items"]]
+
+
+_BATCHABLE_CODES = frozenset(int(t) for t in BATCHABLE)
+
 _DEEP: dict[MsgType, Any] = {
+    MsgType.BATCH: batch_from_body,
     MsgType.OBS_BATCH: obs_from_body,
     MsgType.ACTION_BATCH: action_from_body,
     MsgType.TRAJ_CHUNK: group_from_body,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,12 +24,16 @@ from dvla.config import DataPlaneConfig
 from dvla.errors import DvlaError
 from dvla.transport import auth, codec
 from dvla.transport.frames import (
+    BATCHABLE,
+    HEADER,
+    MAX_META,
     PRE_AUTH_MAX_FRAME,
     Frame,
     FrameDecoder,
     FrameError,
     MsgType,
     encode_frame,
+    encode_frame_sized,
     frame_bytes,
 )
 
@@ -37,7 +42,17 @@ log = logs.get(__name__)
 #: Received frames buffered before reading pauses (receive-side backpressure).
 _RECV_HIGH = 8 * 1024 * 1024
 _RECV_LOW = 2 * 1024 * 1024
-_INBOX = 16
+#: Decoded messages waiting for the application before the reader stops taking frames.
+_INBOX_BYTES = 8 * 1024 * 1024
+#: Most buffers and bytes handed to the transport in one writelines call.
+_BATCH_BUFFERS = 8192
+_BATCH_BYTES = 16 * 1024 * 1024
+#: Kernel buffer size asked for on Unix sockets (capped by net.core.[rw]mem_max).
+_UNIX_SOCKBUF = 4 * 1024 * 1024
+#: Most messages in one BATCH frame.
+_BATCH_ITEMS = 256
+#: Queued bytes above which a send yields to the event loop once.
+_YIELD_BYTES = 256 * 1024
 
 
 class ChannelError(DvlaError):
@@ -66,6 +81,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         # uvloop's transports implement the interface without subclassing asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # Unix sockets default to ~200 KiB buffers: a large frame would take dozens of
+            # wake-ups. TCP autotunes its own buffers, so it is left alone.
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _UNIX_SOCKBUF)
         if self.on_made is not None:
             self.on_made(self)
 
@@ -129,6 +151,30 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    async def take_frames(self, timeout: float) -> list[Frame]:
+        """Every frame received so far (waiting for one); empty once the connection is over.
+
+        Taking them all at once lets the reader handle a burst of small frames without an
+        await per frame.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+        """
+        if not self.frames:
+            first = await self.next_frame(timeout)
+            if first is None:
+                return []
+            self.frames.appendleft(first)
+            self.frames_bytes += first.size
+        out = list(self.frames)
+        self.frames.clear()
+        self.frames_bytes = 0
+        if self._paused and not self.lost:
+            self._paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return out
+
     async def next_frame(self, timeout: float) -> Frame | None:
         """The next frame, or None once the connection is over.
 
@@ -177,7 +223,11 @@ class Connection:
         self.peer_unix: str | None = None
         self.close_reason: str | None = None
         self.stats = ConnStats()
-        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue(_INBOX)
+        self._inbox: deque[tuple[Message, int]] = deque()
+        self._inbox_bytes = 0
+        self._inbox_ready = asyncio.Event()
+        self._inbox_space = asyncio.Event()
+        self._inbox_space.set()
         self._sendq: deque[tuple[list[memoryview | bytes], int]] = deque()
         self._queued = 0
         self._space = asyncio.Event()
@@ -271,8 +321,10 @@ class Connection:
         Raises:
             ChannelError: the connection is closed, or no room came within ``timeout``.
         """
-        bufs = encode_frame(msg_type, body)
-        size = sum(len(b) for b in bufs)
+        bufs, size = encode_frame_sized(msg_type, body)
+        if size > MAX_META and HEADER.unpack_from(bufs[0])[4] > MAX_META:
+            # Refused here with the code the peer would use; send_many splits on it.
+            raise FrameError("too-large", f"{msg_type.name}: msgpack section above {MAX_META}")
         if size > self.cfg.max_frame_bytes:
             raise ChannelError(
                 f"data plane: a {msg_type.name} of {size} bytes exceeds "
@@ -297,6 +349,62 @@ class Connection:
         self._sendq.append((bufs, size))
         self._queued += size
         self._has_data.set()
+        if self._queued >= _YIELD_BYTES:
+            # A producer that never blocks would otherwise starve the writer task.
+            await asyncio.sleep(0)
+
+    async def send_many(
+        self, messages: list[tuple[MsgType, dict[str, Any]]], timeout: float = 60.0
+    ) -> None:
+        """Queue several messages in order, batching runs of one type into BATCH frames.
+
+        A BATCH frame costs one header, one msgpack pass and one validation dispatch for
+        all its messages, which is what makes many small messages per second affordable.
+        The peer receives the messages one by one, exactly as if sent separately.
+
+        Raises:
+            ChannelError: as :meth:`send`.
+        """
+        i = 0
+        while i < len(messages):
+            msg_type = messages[i][0]
+            j = i + 1
+            while (
+                j < len(messages)
+                and j - i < _BATCH_ITEMS
+                and messages[j][0] == msg_type
+                and msg_type in BATCHABLE
+            ):
+                j += 1
+            if j - i == 1:
+                await self.send(msg_type, messages[i][1], timeout)
+            else:
+                await self._send_batch(msg_type, [body for _, body in messages[i:j]], timeout)
+            i = j
+
+    async def _send_batch(
+        self, msg_type: MsgType, bodies: list[dict[str, Any]], timeout: float
+    ) -> None:
+        try:
+            await self.send(MsgType.BATCH, codec.batch_body(msg_type, bodies), timeout)
+        except FrameError as err:  # the msgpack section outgrew its cap: split the batch
+            if err.code != "too-large" or len(bodies) == 1:
+                raise
+            half = len(bodies) // 2
+            await self._send_batch(msg_type, bodies[:half], timeout)
+            await self._send_batch(msg_type, bodies[half:], timeout)
+
+    async def _drained(self) -> bool:
+        """Wait until the transport's buffer is below its mark; False if it stops moving."""
+        transport, can_write = self.transport, self.protocol.can_write
+        while not can_write.is_set():
+            before = transport.get_write_buffer_size()
+            try:
+                await asyncio.wait_for(can_write.wait(), self.cfg.heartbeat_timeout_s)
+            except TimeoutError:
+                if transport.get_write_buffer_size() >= before:
+                    return False  # not one byte accepted in a whole timeout
+        return True
 
     async def _writer(self) -> None:
         transport = self.transport
@@ -309,22 +417,23 @@ class Connection:
                     transport.writelines(encode_frame(MsgType.HEARTBEAT, {"t": time.time()}))
                     self.stats.heartbeats_out += 1
                     continue
+                # One writelines per batch, bounded so no call hands the transport more
+                # than it accepts (uvloop refuses about a million buffers in one call).
                 bufs: list[memoryview | bytes] = []
-                while self._sendq:
+                batch = 0
+                while self._sendq and len(bufs) < _BATCH_BUFFERS and batch < _BATCH_BYTES:
                     frame, size = self._sendq.popleft()
                     bufs.extend(frame)
+                    batch += size
                     self._queued -= size
                     self.stats.frames_out += 1
                     self.stats.bytes_out += size
-                self._has_data.clear()
+                if not self._sendq:
+                    self._has_data.clear()
                 transport.writelines(bufs)
                 del bufs
                 self._space.set()
-                try:
-                    await asyncio.wait_for(
-                        self.protocol.can_write.wait(), self.cfg.heartbeat_timeout_s
-                    )
-                except TimeoutError:
+                if not await self._drained():
                     self._close(f"peer accepted no bytes for {self.cfg.heartbeat_timeout_s:g} s")
         except Exception as err:  # a transport error ends this connection only
             self._close(f"write failed: {type(err).__name__}: {err}")
@@ -336,12 +445,64 @@ class Connection:
         Raises:
             TimeoutError: nothing arrived within ``timeout``.
         """
-        if self.closed.is_set() and self._inbox.empty():
+        if not self._inbox:
+            if self.closed.is_set():
+                return None
+            self._inbox_ready.clear()
+            await asyncio.wait_for(self._inbox_ready.wait(), timeout)
+            if not self._inbox:
+                return None
+        return self._pop()
+
+    async def recv_many(self, timeout: float, limit: int = 4096) -> list[Message] | None:
+        """Every message already received (at least one, at most ``limit``), or None.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout``.
+        """
+        first = await self.recv(timeout)
+        if first is None:
             return None
-        msg = await asyncio.wait_for(self._inbox.get(), timeout)
-        if msg is None:
-            self._inbox.put_nowait(None)  # later calls see the end too
+        out = [first]
+        while self._inbox and len(out) < limit:
+            out.append(self._pop())
+        return out
+
+    def _pop(self) -> Message:
+        msg, size = self._inbox.popleft()
+        self._inbox_bytes -= size
+        if self._inbox_bytes < _INBOX_BYTES // 2:
+            self._inbox_space.set()
         return msg
+
+    def _handle(self, frame: Frame) -> str | None:
+        """Validate one frame into the inbox; a reason to close, or None to go on."""
+        self.stats.frames_in += 1
+        mtype = frame.type
+        if mtype == MsgType.HEARTBEAT:
+            return None
+        try:
+            body = codec.validate(mtype, frame.decode())
+        except FrameError as err:
+            self.protocol.fail(err)
+            return f"{err.code}: {err}"
+        if mtype == MsgType.CLOSE:
+            return f"peer closed: {body['reason']}"
+        if mtype == MsgType.ERROR:
+            return f"peer reported {body['code']}: {body['message']}"
+        if mtype == MsgType.HELLO or mtype == MsgType.AUTH:
+            self.protocol.fail(FrameError("handshake", "handshake message after handshake"))
+            return "handshake: handshake message after handshake"
+        if mtype == MsgType.BATCH:
+            items = codec.batch_from_body(body)
+            share = frame.size // len(items)
+            for item in items:
+                self._inbox.append((item, share))
+            self._inbox_bytes += share * len(items)
+            return None
+        self._inbox.append(((mtype, body), frame.size))
+        self._inbox_bytes += frame.size
+        return None
 
     async def _reader(self) -> None:
         reason = "peer closed the connection"
@@ -349,41 +510,31 @@ class Connection:
             while True:
                 seen = self.protocol.decoder.bytes_in
                 try:
-                    frame = await self.protocol.next_frame(self.cfg.heartbeat_timeout_s)
+                    frames = await self.protocol.take_frames(self.cfg.heartbeat_timeout_s)
                 except TimeoutError:
                     if self.protocol.decoder.bytes_in != seen:
                         continue  # a large frame is still arriving: the peer is alive
                     reason = f"peer silent for {self.cfg.heartbeat_timeout_s:g} s"
                     break
-                if frame is None:
+                if not frames:
                     if self.protocol.error is not None:
                         reason = f"{self.protocol.error.code}: {self.protocol.error}"
                     break
-                self.stats.frames_in += 1
-                if frame.type == MsgType.HEARTBEAT:
-                    continue
-                try:
-                    body = codec.validate(frame.type, frame.decode())
-                except FrameError as err:
-                    self.protocol.fail(err)
-                    reason = f"{err.code}: {err}"
-                    break
-                if frame.type == MsgType.CLOSE:
-                    reason = f"peer closed: {body['reason']}"
-                    break
-                if frame.type == MsgType.ERROR:
-                    reason = f"peer reported {body['code']}: {body['message']}"
-                    break
-                if frame.type in (MsgType.HELLO, MsgType.AUTH):
-                    self.protocol.fail(FrameError("handshake", "handshake message after handshake"))
-                    reason = "handshake message after handshake"
-                    break
-                while not self.closed.is_set():
-                    try:
-                        await asyncio.wait_for(self._inbox.put((frame.type, body)), 1.0)
+                stop = None
+                for frame in frames:
+                    stop = self._handle(frame)
+                    if stop is not None:
                         break
-                    except TimeoutError:
-                        continue
+                if self._inbox:
+                    self._inbox_ready.set()
+                if stop is not None:
+                    reason = stop
+                    break
+                # Receive-side backpressure: wait while the application lags behind.
+                while self._inbox_bytes > _INBOX_BYTES and not self.closed.is_set():
+                    self._inbox_space.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._inbox_space.wait(), 1.0)
         finally:
             self._close(reason)
 
@@ -395,8 +546,7 @@ class Connection:
         self.closed.set()
         self._space.set()
         self._has_data.set()
-        with contextlib.suppress(asyncio.QueueFull):
-            self._inbox.put_nowait(None)
+        self._inbox_ready.set()  # wake a waiting recv: it returns what is left, then None
         if not self.transport.is_closing():
             self.transport.close()
         log.info("data plane connection closed", peer=self.peer, reason=reason)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -58,6 +60,16 @@ DTYPES: dict[str, np.dtype[Any]] = {
     )
 }
 _NAME_OF = {dt.str: name for name, dt in DTYPES.items()}
+# Native-order dtype objects -> wire name, for the encoder's fast path (no byte-order work).
+_NAME_OF_DTYPE: dict[np.dtype[Any], str] = {dt: name for name, dt in DTYPES.items()}
+#: Frames up to this size are joined into one buffer: per-buffer cost dominates them.
+SMALL_FRAME = 4096
+_EMPTY = memoryview(b"")
+#: Small blob sections are carved from shared arenas of this size instead of each
+#: getting its own allocation.
+_ARENA = 1024 * 1024
+#: Large receive buffers kept for reuse per decoder.
+_POOL = 4
 
 
 class MsgType(IntEnum):
@@ -72,9 +84,15 @@ class MsgType(IntEnum):
     HEARTBEAT = 7
     ERROR = 8
     CLOSE = 9
+    BATCH = 10
+
+
+#: Message types a BATCH frame may carry: the high-rate ones, never control messages.
+BATCHABLE = frozenset({MsgType.ACK, MsgType.OBS_BATCH, MsgType.ACTION_BATCH, MsgType.TRAJ_CHUNK})
 
 
 _TYPES = frozenset(int(t) for t in MsgType)
+_TYPE_OF = {int(t): t for t in MsgType}
 
 
 class FrameError(DvlaError):
@@ -123,6 +141,8 @@ def aligned_buffer(n: int) -> memoryview:
 
 def _as_wire_array(obj: Any) -> np.ndarray | None:
     """A C-contiguous little-endian numpy view of an array or CPU tensor, else None."""
+    if type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype in _NAME_OF_DTYPE:
+        return obj  # the common case: already what the wire wants
     if isinstance(obj, np.ndarray):
         arr = obj
     elif type(obj).__module__.startswith("torch") and hasattr(obj, "numpy"):
@@ -142,42 +162,87 @@ def _as_wire_array(obj: Any) -> np.ndarray | None:
     return arr
 
 
+class _Encoder(threading.local):
+    """Per-thread msgpack packers (building one per frame would cost more than packing)."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+        self.blob_len = 0
+        self.ref = msgpack.Packer(use_bin_type=True)
+        self.body = msgpack.Packer(default=self._default, use_bin_type=True)
+
+    def _default(self, obj: Any) -> Any:
+        arr = _as_wire_array(obj)
+        if arr is None:
+            if isinstance(obj, np.generic):
+                return obj.item()
+            raise FrameError("encode", f"cannot send a value of type {type(obj).__name__}")
+        offset = self.blob_len
+        self.arrays.append(arr)
+        nbytes = arr.nbytes
+        self.blob_len += nbytes + (-nbytes % BLOB_ALIGN)
+        name = _NAME_OF_DTYPE.get(arr.dtype) or _NAME_OF[arr.dtype.newbyteorder("<").str]
+        return msgpack.ExtType(EXT_TENSOR, self.ref.pack([name, list(arr.shape), offset, nbytes]))
+
+
+_ENCODER = _Encoder()
+
+
 def encode_frame(msg_type: MsgType, body: Any, flags: int = 0) -> list[memoryview | bytes]:
     """The buffers of one frame, ready for ``writelines``.
 
     Tensors are not copied: the returned list holds views of their memory, so they must
     not be modified until the frame is written.
     """
+    return encode_frame_sized(msg_type, body, flags)[0]
+
+
+def encode_frame_sized(
+    msg_type: MsgType, body: Any, flags: int = 0
+) -> tuple[list[memoryview | bytes], int]:
+    """:func:`encode_frame` and the frame's size in bytes.
+
+    A frame of at most ``SMALL_FRAME`` bytes comes back as one joined buffer (copying a
+    few bytes is cheaper than handing the transport many buffers).
+    """
+    enc = _ENCODER
     arrays: list[np.ndarray] = []
-    blob_len = 0
-
-    def default(obj: Any) -> Any:
-        nonlocal blob_len
-        arr = _as_wire_array(obj)
-        if arr is None:
-            if isinstance(obj, np.generic):
-                return obj.item()
-            raise FrameError("encode", f"cannot send a value of type {type(obj).__name__}")
-        offset = blob_len
-        arrays.append(arr)
-        blob_len += arr.nbytes + (-arr.nbytes % BLOB_ALIGN)
-        ref = msgpack.packb(
-            [_NAME_OF[arr.dtype.newbyteorder("<").str], list(arr.shape), offset, arr.nbytes]
-        )
-        return msgpack.ExtType(EXT_TENSOR, ref)
-
-    meta = msgpack.packb(body, default=default, use_bin_type=True)
+    enc.arrays = arrays
+    enc.blob_len = 0
+    try:
+        meta = enc.body.pack(body)
+    except BaseException:
+        enc.body.reset()  # a failed pack leaves partial output behind
+        raise
+    finally:
+        enc.arrays = []
+    blob_len = enc.blob_len
     out: list[memoryview | bytes] = [
         HEADER.pack(MAGIC, VERSION, int(msg_type), flags, len(meta), blob_len),
         meta,
     ]
+    # Large tensors go out as views of their own memory (zero copy); runs of small ones
+    # are copied into one buffer, since the transport's cost per buffer exceeds the copy.
+    small = bytearray()
     for arr in arrays:
-        if arr.nbytes:
+        nbytes = arr.nbytes
+        if nbytes >= SMALL_FRAME:
+            if small:
+                out.append(bytes(small))
+                small.clear()
             out.append(arr.reshape(-1).view(np.uint8).data)
-        pad = -arr.nbytes % BLOB_ALIGN
-        if pad:
-            out.append(_PAD[:pad])
-    return out
+            pad = -nbytes % BLOB_ALIGN
+            if pad:
+                out.append(_PAD[:pad])
+        else:
+            small += arr.reshape(-1).view(np.uint8).data
+            small += _PAD[: -nbytes % BLOB_ALIGN]
+    if small:
+        out.append(bytes(small))
+    size = HEADER_SIZE + len(meta) + blob_len
+    if size <= SMALL_FRAME and len(out) > 1:
+        return [b"".join(out)], size
+    return out, size
 
 
 def frame_bytes(msg_type: MsgType, body: Any, flags: int = 0) -> bytes:
@@ -210,7 +275,7 @@ def parse_header(header: bytes | memoryview, max_frame: int) -> tuple[MsgType, i
         raise FrameError("too-large", f"frame of {size} bytes exceeds the limit of {max_frame}")
     if blob_len % BLOB_ALIGN:
         raise FrameError("blob", f"blob section of {blob_len} bytes is not padded to 64")
-    return MsgType(mtype), flags, meta_len, blob_len
+    return _TYPE_OF[mtype], flags, meta_len, blob_len
 
 
 def _tensor_hook(blobs: memoryview) -> Any:
@@ -224,20 +289,20 @@ def _tensor_hook(blobs: memoryview) -> Any:
         dtype = DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise FrameError("tensor", f"unknown tensor dtype {name!r}")
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= MAX_NDIM
-            and all(type(d) is int and d >= 0 for d in shape)
-        ):
+        if type(shape) is not list or len(shape) > MAX_NDIM:
             raise FrameError("tensor", f"bad tensor shape {shape!r}")
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise FrameError("tensor", f"bad tensor shape {shape!r}")
         if type(offset) is not int or type(nbytes) is not int:
             raise FrameError("tensor", "tensor offset and size must be integers")
         if math.prod(shape) * dtype.itemsize != nbytes:
             raise FrameError("tensor", f"tensor of shape {shape} {name} cannot be {nbytes} bytes")
         if offset < 0 or offset % BLOB_ALIGN or offset + nbytes > len(blobs):
             raise FrameError("tensor", "tensor lies outside the blob section")
-        arr = np.frombuffer(blobs, dtype, count=nbytes // dtype.itemsize, offset=offset)
-        return arr.reshape(shape)
+        if not nbytes:
+            return np.empty(shape, dtype)
+        return np.ndarray(shape, dtype, buffer=blobs, offset=offset)
 
     return hook
 
@@ -283,9 +348,44 @@ class FrameDecoder:
         self._head: tuple[MsgType, int] | None = None
         self._meta = bytearray()
         self._meta_got = 0
-        self._blobs: memoryview = memoryview(b"")
+        self._blobs: memoryview = _EMPTY
         self._blobs_got = 0
         self.bytes_in = 0
+        self._arena: memoryview = _EMPTY
+        self._arena_pos = 0
+        self._pool: list[np.ndarray] = []
+        self.large_allocations = 0
+
+    def _large_blobs(self, n: int) -> memoryview:
+        """A buffer for a large blob section, reusing one nothing refers to any more.
+
+        Fresh multi-megabyte buffers cost page faults (the kernel zeroes every page);
+        reusing a released one makes a stream of big frames allocate nothing.
+        """
+        for raw in self._pool:
+            # Referenced by the pool, the loop variable and getrefcount's argument only:
+            # no frame or array views it any more.
+            if raw.nbytes >= n + BLOB_ALIGN and sys.getrefcount(raw) <= 3:
+                skip = -raw.ctypes.data % BLOB_ALIGN
+                return raw.data[skip : skip + n]
+        raw = np.empty(n + BLOB_ALIGN, np.uint8)
+        self.large_allocations += 1
+        self._pool.append(raw)
+        if len(self._pool) > _POOL:
+            self._pool.pop(0)
+        skip = -raw.ctypes.data % BLOB_ALIGN
+        return raw.data[skip : skip + n]
+
+    def _small_blobs(self, n: int) -> memoryview:
+        """A blob buffer for a small frame, carved from the current arena."""
+        if not n:
+            return _EMPTY
+        if self._arena_pos + n > len(self._arena):
+            # The old arena lives on as long as frames still view it.
+            self._arena, self._arena_pos = aligned_buffer(_ARENA), 0
+        view = self._arena[self._arena_pos : self._arena_pos + n]
+        self._arena_pos += n  # n is a multiple of 64: the next start stays aligned
+        return view
 
     @property
     def mid_frame(self) -> bool:
@@ -313,8 +413,9 @@ class FrameDecoder:
                 self._blobs_got += n
             if self._meta_got == len(self._meta) and self._blobs_got == len(self._blobs):
                 mtype, flags = self._head
-                self._head = None
-                return [Frame(mtype, flags, bytes(self._meta), self._blobs)]
+                frame = Frame(mtype, flags, bytes(self._meta), self._blobs)
+                self._head, self._blobs = None, _EMPTY  # the frame owns its buffer now
+                return [frame]
             return []
         self._have += n
         return self._parse_scratch()
@@ -342,8 +443,12 @@ class FrameDecoder:
             if have - pos >= total:
                 start = pos + HEADER_SIZE
                 meta = bytes(sv[start : start + meta_len])
-                blobs = aligned_buffer(blob_len)
-                blobs[:] = sv[start + meta_len : pos + total]
+                if blob_len <= _ARENA // 16:
+                    blobs = self._small_blobs(blob_len)
+                else:
+                    blobs = aligned_buffer(blob_len)
+                if blob_len:
+                    blobs[:] = sv[start + meta_len : pos + total]
                 frames.append(Frame(mtype, flags, meta, blobs))
                 pos += total
                 continue
@@ -363,12 +468,13 @@ class FrameDecoder:
     ) -> None:
         self._head = (mtype, flags)
         self._meta = bytearray(meta_len)
-        self._blobs = aligned_buffer(blob_len)
+        self._blobs = self._large_blobs(blob_len)
         k = min(len(got), meta_len)
         self._meta[:k] = got[:k]
         self._meta_got = k
         rest = got[k:]
-        self._blobs[: len(rest)] = rest
+        if len(rest):
+            self._blobs[: len(rest)] = rest
         self._blobs_got = len(rest)
 
 
