@@ -96,7 +96,11 @@ class DataPlaneServer:
             await self.listener.close(timeout)
 
     async def _answer(self, conn: Connection, req: int, obs: ObsBatch) -> None:
-        act = await self.on_obs(obs)
+        try:
+            act = await self.on_obs(obs)
+        except Exception as err:  # the infer lane reports its own failure to the run
+            log.warning("action request failed", peer=conn.peer, error=f"{type(err).__name__}")
+            return
         with contextlib.suppress(ChannelError):  # the client resends after reconnecting
             await conn.send(MsgType.ACTION_BATCH, codec.action_body(req, act))
 
@@ -113,14 +117,7 @@ class DataPlaneServer:
     async def _handle(self, conn: Connection) -> None:
         answers: set[asyncio.Task[None]] = set()
         try:
-            while True:
-                try:
-                    msg = await conn.recv(1.0)
-                except TimeoutError:
-                    continue
-                if msg is None:
-                    return
-                mtype, body = msg
+            async for mtype, body in conn.messages():
                 try:
                     if mtype == MsgType.OBS_BATCH:
                         req, obs = codec.obs_from_body(body)
@@ -229,14 +226,7 @@ class DataPlaneClient:
             raise
 
     async def _receive(self, conn: Connection) -> None:
-        while True:
-            try:
-                msg = await conn.recv(1.0)
-            except TimeoutError:
-                continue
-            if msg is None:
-                return
-            mtype, body = msg
+        async for mtype, body in conn.messages():
             try:
                 if mtype == MsgType.ACTION_BATCH:
                     req, act = codec.action_from_body(body)

@@ -16,6 +16,7 @@ import contextlib
 import socket
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -453,6 +454,17 @@ class Connection:
             if not self._inbox:
                 return None
         return self._pop()
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every message until the connection closes (liveness is the reader's job)."""
+        while True:
+            try:
+                msg = await self.recv(1.0)
+            except TimeoutError:
+                continue
+            if msg is None:
+                return
+            yield msg
 
     async def recv_many(self, timeout: float, limit: int = 4096) -> list[Message] | None:
         """Every message already received (at least one, at most ``limit``), or None.
