@@ -336,7 +336,10 @@ _KILLED_PEER = textwrap.dedent(
     dec = FrameDecoder(1 << 20)
     def frame():
         while True:
-            got = dec.feed(s.recv(65536))
+            data = s.recv(65536)
+            if not data:
+                sys.exit(1)  # the server hung up: nothing left to test here
+            got = dec.feed(data)
             if got:
                 return got[0]
     mine = auth.new_nonce()
@@ -374,11 +377,15 @@ def test_peer_killed_mid_frame(transport: TransportUnderTest) -> None:
                 sys.executable, "-c", _KILLED_PEER, target, SECRET.value.decode(),
                 stdout=subprocess.PIPE,
             )  # fmt: skip
-            assert proc.stdout is not None
-            assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"ready"
-            await wait_until(lambda: len(lst.connections) == 1)
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
+            try:
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), 30)
+                assert line.strip() == b"ready"
+                await wait_until(lambda: len(lst.connections) == 1)
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGKILL)
+                await proc.wait()
         await wait_until(lambda: len(coll.closed) == 1)
         assert coll.reqs() == []
         await healthy(transport, lst, coll)
