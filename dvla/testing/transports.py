@@ -190,3 +190,33 @@ def client_ssl(t: TlsUnderTest) -> ssl.SSLContext:
     """The raw client's TLS context (for tests that open sockets themselves)."""
     c = t.tls("client")
     return auth.TlsFiles(c.cert, c.key, c.ca).client_context()
+
+
+class UcxUnderTest(TransportUnderTest):
+    """UCX (ucxx tag messages); registered only where the ucxx package is installed."""
+
+    kind = "ucx"
+
+    def config(self, **overrides: Any) -> DataPlaneConfig:
+        return super().config(**{"transport": "ucx", **overrides})
+
+    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+        from dvla.transport import ucx
+
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        a = listener.address
+        transport, proto = await asyncio.wait_for(
+            ucx.open_transport(a.host, a.port, lambda: asyncio.StreamReaderProtocol(reader)), 10
+        )
+        return RawPeer(reader, asyncio.StreamWriter(transport, proto, reader, loop))
+
+
+def _ucx_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ucxx") is not None
+
+
+if _ucx_installed():
+    TRANSPORTS["ucx"] = UcxUnderTest
