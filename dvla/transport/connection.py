@@ -580,6 +580,19 @@ class Connection:
                 await asyncio.sleep(0.01)
         self._close(f"closed locally: {reason}")
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.wait_lost(timeout)
+
+    async def wait_lost(self, timeout: float) -> None:
+        """Wait for the transport to finish closing; abort it if it does not in time.
+
+        A transport left half-closed (waiting to flush to a peer that stopped reading)
+        would keep its handle, and an event loop cannot close while handles remain.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.protocol.lost and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if not self.protocol.lost:
+            self.transport.abort()
 
     def abort(self) -> None:
         """Drop the connection at once (tests: a peer that dies)."""

@@ -123,6 +123,7 @@ class Listener:
                 conn.protocol.fail(err)
             conn.transport.close()
             log.warning("data plane connection rejected", reason=f"{err.code}: {err}")
+            await conn.wait_lost(2.0)
             return
         conn.start()
         self.connections.add(conn)
