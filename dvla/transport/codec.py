@@ -87,27 +87,35 @@ def _check(
     if not isinstance(body, dict):
         raise FrameError("schema", f"{where}: body must be a map, got {type(body).__name__}")
     optional = optional or {}
+    # The hot path of every message: the common case costs one type() per field.
     for key, types in fields.items():
-        if key not in body:
-            raise FrameError("schema", f"{where}: missing field '{key}'")
-        _check_type(where, key, body[key], types)
-    for key, value in body.items():
-        if key in fields:
-            continue
-        if key not in optional:
-            raise FrameError("schema", f"{where}: unknown field '{key}'")
-        _check_type(where, key, value, optional[key])
+        value = body.get(key, _ABSENT)
+        if type(value) is not types[0] and not _type_ok(value, types):
+            if value is _ABSENT:
+                raise FrameError("schema", f"{where}: missing field '{key}'")
+            _type_error(where, key, value, types)
+    if len(body) != len(fields):
+        for key, value in body.items():
+            if key in fields:
+                continue
+            if key not in optional:
+                raise FrameError("schema", f"{where}: unknown field '{key}'")
+            if not _type_ok(value, optional[key]):
+                _type_error(where, key, value, optional[key])
     return body
 
 
-def _check_type(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
+_ABSENT = object()
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     # bool is an int subclass; a bool where an int is expected is still an error.
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        want = " or ".join(t.__name__ for t in types)
-        raise FrameError(
-            "schema", f"{where}: field '{key}' must be {want}, got {type(value).__name__}"
-        )
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _type_error(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
+    want = " or ".join(t.__name__ for t in types)
+    raise FrameError("schema", f"{where}: field '{key}' must be {want}, got {type(value).__name__}")
 
 
 def validate(msg_type: MsgType, body: Any) -> dict[str, Any]:
