@@ -63,14 +63,11 @@ _TRAJ_FIELDS: dict[str, tuple[type, ...]] = {
     "rewards": (np.ndarray,),
     "success": (bool,),
 }
-_ACT_DT = {"actions": np.float32, "tokens": np.int64, "logprobs": np.float32}
-_TRAJ_DT = {
-    "proprio": np.float32,
-    "tokens": np.int64,
-    "logprobs": np.float32,
-    "versions": np.int64,
-    "rewards": np.float32,
-}
+# dtype objects, not scalar types: comparing against a type converts it on every call.
+_F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+_ACT_DT = {"actions": _F32, "tokens": _I64, "logprobs": _F32}
+_PROPRIO_DT = {"proprio": _F32}
+_TRAJ_DT = {"proprio": _F32, "tokens": _I64, "logprobs": _F32, "versions": _I64, "rewards": _F32}
 _GROUP_FIELDS: dict[str, tuple[type, ...]] = {
     "group_id": (int,),
     "task_id": (int,),
@@ -187,7 +184,7 @@ def obs_from_body(body: dict[str, Any]) -> tuple[int, ObsBatch]:
     instructions = _strings(where, "instructions", body["instructions"])
     images = _images(where, body["images"])
     n = len(instructions)
-    _rows(where, {"proprio": body["proprio"]}, n, {"proprio": np.float32})
+    _rows(where, {"proprio": body["proprio"]}, n, _PROPRIO_DT)
     _rows(where, images, n)
     return body["req"], ObsBatch(images, body["proprio"], instructions)
 
