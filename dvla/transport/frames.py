@@ -278,27 +278,49 @@ def parse_header(header: bytes | memoryview, max_frame: int) -> tuple[MsgType, i
     return _TYPE_OF[mtype], flags, meta_len, blob_len
 
 
+def _parse_ref(data: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """Validate a tensor reference (all but its bounds, which depend on the frame)."""
+    ref = msgpack.unpackb(data, use_list=True, raw=False)
+    if not (isinstance(ref, list) and len(ref) == 4):
+        raise FrameError("tensor", "tensor reference is not [dtype, shape, offset, nbytes]")
+    name, shape, offset, nbytes = ref
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise FrameError("tensor", f"unknown tensor dtype {name!r}")
+    if type(shape) is not list or len(shape) > MAX_NDIM:
+        raise FrameError("tensor", f"bad tensor shape {shape!r}")
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise FrameError("tensor", f"bad tensor shape {shape!r}")
+    if type(offset) is not int or type(nbytes) is not int:
+        raise FrameError("tensor", "tensor offset and size must be integers")
+    if math.prod(shape) * dtype.itemsize != nbytes:
+        raise FrameError("tensor", f"tensor of shape {shape} {name} cannot be {nbytes} bytes")
+    if offset < 0 or offset % BLOB_ALIGN:
+        raise FrameError("tensor", "tensor lies outside the blob section")
+    return dtype, tuple(shape), offset, nbytes
+
+
+#: Validated tensor references by their encoded bytes. A stream repeats the same layouts
+#: (same dtypes, shapes and offsets frame after frame), so most lookups hit.
+_REFS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int, int]] = {}
+_REFS_MAX = 8192
+
+
 def _tensor_hook(blobs: memoryview) -> Any:
+    size = len(blobs)
+
     def hook(code: int, data: bytes) -> Any:
         if code != EXT_TENSOR:
             raise FrameError("body", f"unknown msgpack extension type {code}")
-        ref = msgpack.unpackb(data, use_list=True, raw=False)
-        if not (isinstance(ref, list) and len(ref) == 4):
-            raise FrameError("tensor", "tensor reference is not [dtype, shape, offset, nbytes]")
-        name, shape, offset, nbytes = ref
-        dtype = DTYPES.get(name) if isinstance(name, str) else None
-        if dtype is None:
-            raise FrameError("tensor", f"unknown tensor dtype {name!r}")
-        if type(shape) is not list or len(shape) > MAX_NDIM:
-            raise FrameError("tensor", f"bad tensor shape {shape!r}")
-        for d in shape:
-            if type(d) is not int or d < 0:
-                raise FrameError("tensor", f"bad tensor shape {shape!r}")
-        if type(offset) is not int or type(nbytes) is not int:
-            raise FrameError("tensor", "tensor offset and size must be integers")
-        if math.prod(shape) * dtype.itemsize != nbytes:
-            raise FrameError("tensor", f"tensor of shape {shape} {name} cannot be {nbytes} bytes")
-        if offset < 0 or offset % BLOB_ALIGN or offset + nbytes > len(blobs):
+        ref = _REFS.get(data)
+        if ref is None:
+            ref = _parse_ref(data)
+            if len(_REFS) >= _REFS_MAX:
+                _REFS.clear()
+            _REFS[data] = ref
+        dtype, shape, offset, nbytes = ref
+        if offset + nbytes > size:
             raise FrameError("tensor", "tensor lies outside the blob section")
         if not nbytes:
             return np.empty(shape, dtype)
