@@ -22,7 +22,7 @@ import pytest
 
 from dvla.data import ObsBatch
 from dvla.testing.aio import run, wait_until
-from dvla.testing.transports import SECRET, TRANSPORTS, TransportUnderTest, make
+from dvla.testing.transports import SECRET, TRANSPORTS, TransportUnderTest, guarded, make
 from dvla.transport import codec, endpoints
 from dvla.transport.connection import ChannelError, Connection
 from dvla.transport.frames import HEADER, MAGIC, VERSION, MsgType, frame_bytes
@@ -97,7 +97,7 @@ def test_roundtrip_and_zero_copy_views(transport: TransportUnderTest) -> None:
         await conn.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_send_many_batches_preserve_order_and_split_when_large(
@@ -125,7 +125,7 @@ def test_send_many_batches_preserve_order_and_split_when_large(
         await conn.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_split_at_every_offset(transport: TransportUnderTest) -> None:
@@ -146,7 +146,7 @@ def test_split_at_every_offset(transport: TransportUnderTest) -> None:
         raw.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_one_byte_at_a_time(transport: TransportUnderTest) -> None:
@@ -165,13 +165,13 @@ def test_one_byte_at_a_time(transport: TransportUnderTest) -> None:
         raw.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_slow_reader_bounds_sender_memory(transport: TransportUnderTest) -> None:
     limit = 2 * 1024 * 1024
     chunk = np.ones((1, 512, 512, 3), np.uint8)  # 768 KiB per frame
-    n = 60
+    n = 120  # 90 MiB: beyond every buffer on the way (kernel TCP autotuning included)
 
     async def main() -> None:
         coll = Collector(read=False)
@@ -188,7 +188,7 @@ def test_slow_reader_bounds_sender_memory(transport: TransportUnderTest) -> None
 
         task = asyncio.create_task(sender())
         await asyncio.sleep(0.5)  # the reader is asleep: the sender must stall, not buffer
-        assert not task.done(), "60 frames of 768 KiB were all accepted with nobody reading"
+        assert not task.done(), f"{n} frames of 768 KiB were all accepted with nobody reading"
         coll.read.set()
         await task
         await wait_until(lambda: len(coll.reqs()) == n, 30)
@@ -197,7 +197,7 @@ def test_slow_reader_bounds_sender_memory(transport: TransportUnderTest) -> None
         await conn.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 # ----------------------------------------------------------------- broken peers
@@ -259,7 +259,7 @@ def test_bad_input_closes_only_that_connection(transport: TransportUnderTest, ca
         await healthy(transport, lst, coll)
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_unauthenticated_peers_are_refused(transport: TransportUnderTest) -> None:
@@ -295,7 +295,7 @@ def test_unauthenticated_peers_are_refused(transport: TransportUnderTest) -> Non
         await healthy(transport, lst, coll)
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_truncated_frame_delivers_nothing(transport: TransportUnderTest) -> None:
@@ -317,7 +317,7 @@ def test_truncated_frame_delivers_nothing(transport: TransportUnderTest) -> None
         await healthy(transport, lst, coll)
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 _KILLED_PEER = textwrap.dedent(
@@ -391,7 +391,7 @@ def test_peer_killed_mid_frame(transport: TransportUnderTest) -> None:
         await healthy(transport, lst, coll)
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))
 
 
 def test_peer_silent_past_heartbeat_timeout_is_closed(transport: TransportUnderTest) -> None:
@@ -411,4 +411,4 @@ def test_peer_silent_past_heartbeat_timeout_is_closed(transport: TransportUnderT
         await conn.close()
         await lst.close()
 
-    run(main())
+    run(guarded(transport, main()))

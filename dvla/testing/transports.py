@@ -11,9 +11,10 @@ import asyncio
 import secrets
 import ssl
 import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dvla.config import DataPlaneConfig, TlsConfig
 from dvla.transport import auth, endpoints, memory
@@ -21,6 +22,7 @@ from dvla.transport.connection import Connection
 from dvla.transport.frames import Frame, FrameDecoder, MsgType, frame_bytes
 
 SECRET = auth.Secret(b"conformance-secret-0123456789")
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,22 +80,61 @@ class TransportUnderTest:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        self._listeners: list[endpoints.Listener] = []
+        self._conns: list[Connection] = []
+        self._raws: list[RawPeer] = []
+
+    async def serve(
+        self, handler: endpoints.OnConnection, cfg: DataPlaneConfig
+    ) -> endpoints.Listener:
+        """Start a server on this transport (closed by :meth:`cleanup` at the latest)."""
+        lst = await self._serve(handler, cfg)
+        self._listeners.append(lst)
+        return lst
+
+    async def client(
+        self, listener: endpoints.Listener, cfg: DataPlaneConfig, secret: auth.Secret = SECRET
+    ) -> Connection:
+        """A real, authenticated client connection."""
+        conn = await self._client(listener, cfg, secret)
+        self._conns.append(conn)
+        return conn
+
+    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+        """A byte-level peer (no handshake yet)."""
+        peer = await self._raw(listener)
+        self._raws.append(peer)
+        return peer
+
+    async def cleanup(self) -> None:
+        """Close whatever a test opened, passed or failed.
+
+        Anything left open keeps a handle in the event loop, and uvloop's ``close()``
+        then waits forever: a failing test would hang the suite instead of failing.
+        """
+        for peer in self._raws:
+            peer.writer.transport.abort()
+        for conn in self._conns:
+            conn.abort()
+        for lst in self._listeners:
+            await lst.close(2.0)
+        self._raws, self._conns, self._listeners = [], [], []
 
     def config(self, **overrides: Any) -> DataPlaneConfig:
         base: dict[str, Any] = {"transport": "tcp", "handshake_timeout_s": 2.0}
         return DataPlaneConfig(**{**base, **overrides})
 
-    async def serve(
+    async def _serve(
         self, handler: endpoints.OnConnection, cfg: DataPlaneConfig
     ) -> endpoints.Listener:
         return await endpoints.listen(cfg, SECRET, handler, "server")
 
-    async def client(
+    async def _client(
         self, listener: endpoints.Listener, cfg: DataPlaneConfig, secret: auth.Secret = SECRET
     ) -> Connection:
         return await endpoints.connect(listener.address.url(), cfg, secret, "client", 5.0)
 
-    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+    async def _raw(self, listener: endpoints.Listener) -> RawPeer:
         a = listener.address
         r, w = await asyncio.open_connection(a.host, a.port)
         return RawPeer(r, w)
@@ -107,7 +148,7 @@ class UnixUnderTest(TransportUnderTest):
     def config(self, **overrides: Any) -> DataPlaneConfig:
         return super().config(**{"transport": "auto", **overrides})
 
-    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+    async def _raw(self, listener: endpoints.Listener) -> RawPeer:
         r, w = await asyncio.open_unix_connection(listener.address.path)
         return RawPeer(r, w)
 
@@ -117,13 +158,13 @@ class MemoryUnderTest(TransportUnderTest):
 
     kind = "memory"
 
-    async def serve(
+    async def _serve(
         self, handler: endpoints.OnConnection, cfg: DataPlaneConfig
     ) -> endpoints.Listener:
         name = f"conformance-{secrets.token_hex(4)}"
         return await endpoints.listen(cfg, SECRET, handler, "server", memory_name=name)
 
-    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+    async def _raw(self, listener: endpoints.Listener) -> RawPeer:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         proto = asyncio.StreamReaderProtocol(reader)
@@ -158,13 +199,13 @@ class TlsUnderTest(TransportUnderTest):
     def config(self, **overrides: Any) -> DataPlaneConfig:
         return super().config(**{"tls": self.tls("server"), **overrides})
 
-    async def client(
+    async def _client(
         self, listener: endpoints.Listener, cfg: DataPlaneConfig, secret: auth.Secret = SECRET
     ) -> Connection:
         cfg = cfg.model_copy(update={"tls": self.tls("client")})
-        return await super().client(listener, cfg, secret)
+        return await super()._client(listener, cfg, secret)
 
-    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+    async def _raw(self, listener: endpoints.Listener) -> RawPeer:
         t = self.tls("client")
         ctx = auth.TlsFiles(t.cert, t.key, t.ca).client_context()
         a = listener.address
@@ -200,7 +241,7 @@ class UcxUnderTest(TransportUnderTest):
     def config(self, **overrides: Any) -> DataPlaneConfig:
         return super().config(**{"transport": "ucx", **overrides})
 
-    async def raw(self, listener: endpoints.Listener) -> RawPeer:
+    async def _raw(self, listener: endpoints.Listener) -> RawPeer:
         from dvla.transport import ucx
 
         loop = asyncio.get_running_loop()
@@ -220,3 +261,11 @@ def _ucx_installed() -> bool:
 
 if _ucx_installed():
     TRANSPORTS["ucx"] = UcxUnderTest
+
+
+async def guarded(t: TransportUnderTest, coro: Awaitable[T]) -> T:
+    """Run a test body, then close everything it opened on ``t``."""
+    try:
+        return await coro
+    finally:
+        await t.cleanup()

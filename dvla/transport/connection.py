@@ -76,6 +76,21 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._paused = False
         self._sink = memoryview(bytearray(65536))
         self.on_made: Any = None
+        self.discarding = False
+
+    def stop_receiving(self) -> None:
+        """Read and drop whatever still arrives, so the transport can finish closing.
+
+        A transport whose reading is paused never sees the peer's EOF (or, under TLS, its
+        close_notify): its handle would stay open and the event loop could not close.
+        """
+        self.discarding = True
+        self.frames.clear()
+        self.frames_bytes = 0
+        if self._paused and self.transport is not None and not self.lost:
+            self._paused = False
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,12 +108,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.error is not None:
-            return self._sink  # bytes after a violation are discarded
+        if self.error is not None or self.discarding:
+            return self._sink  # bytes after a violation or after closing are discarded
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.error is not None:
+        if self.error is not None or self.discarding:
             return
         try:
             frames = self.decoder.buffer_updated(nbytes)
@@ -559,6 +574,7 @@ class Connection:
         self._space.set()
         self._has_data.set()
         self._inbox_ready.set()  # wake a waiting recv: it returns what is left, then None
+        self.protocol.stop_receiving()
         if not self.transport.is_closing():
             self.transport.close()
         log.info("data plane connection closed", peer=self.peer, reason=reason)
