@@ -13,10 +13,19 @@ T = TypeVar("T")
 
 
 def run(coro: Awaitable[T], timeout: float = 60) -> T:
-    """Run ``coro`` on a fresh uvloop loop; fail it if it takes longer than ``timeout``."""
+    """Run ``coro`` on a fresh uvloop loop; fail it if it takes longer than ``timeout``.
+
+    Data-plane servers and connections it leaves open are closed before the loop is.
+    """
 
     async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
+        from dvla.transport.endpoints import abort_all
+
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        finally:
+            # A failed test may leave servers open; uvloop would then never close.
+            await abort_all()
 
     return uvloop.run(bounded())
 

@@ -234,6 +234,7 @@ class Connection:
         self.transport = cast(asyncio.Transport, transport)
         self.protocol = protocol
         self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
         self.peer = "?"
         self.peer_host = ""
         self.peer_unix: str | None = None

@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import tempfile
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
@@ -83,6 +84,27 @@ class Address:
         )
 
 
+#: Listeners and connections still open, for :func:`abort_all` (tests' safety net).
+_LIVE_LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
+_LIVE_CONNS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+async def abort_all(timeout: float = 2.0) -> int:
+    """Close every listener and abort every connection of the running loop; return how many.
+
+    uvloop's ``loop.close()`` waits for every open handle, so a test that fails with a
+    server still listening would hang instead of failing; test runners call this last.
+    """
+    loop = asyncio.get_running_loop()
+    conns = [c for c in list(_LIVE_CONNS) if not c.closed.is_set() and c.loop is loop]
+    for conn in conns:
+        conn.abort()
+    listeners = [x for x in list(_LIVE_LISTENERS) if x.loop is loop]
+    for lst in listeners:
+        await lst.close(timeout)
+    return len(conns) + len(listeners)
+
+
 class Listener:
     """A running data-plane server: accepts, authenticates, hands connections over."""
 
@@ -110,6 +132,7 @@ class Listener:
     def _made(self, proto: FrameProtocol) -> None:
         assert proto.transport is not None
         conn = Connection(proto.transport, proto, self.cfg)
+        _LIVE_CONNS.add(conn)
         task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -138,7 +161,8 @@ class Listener:
             await conn.close("server handler finished")
 
     async def start(self, memory_name: str | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
+        _LIVE_LISTENERS.add(self)
         cfg = self.cfg
         if memory_name is not None:
             memory.serve(memory_name, self._factory)
@@ -165,6 +189,7 @@ class Listener:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection, remove the socket file."""
+        _LIVE_LISTENERS.discard(self)
         for server in self._servers:
             server.close()
         if self._ucx is not None:
@@ -252,6 +277,7 @@ async def connect(
     except (OSError, TimeoutError) as err:
         raise ChannelError(f"data plane: cannot connect to {url}: {err or 'timed out'}") from None
     conn = Connection(transport, proto, cfg)
+    _LIVE_CONNS.add(conn)
     try:
         await conn.handshake(secret, "client", name, None)
     except FrameError as err:
