@@ -1,4 +1,4 @@
-"""The ``dvla`` command: run, validate and list plugins.
+"""The ``dvla`` command: run, validate, list plugins and plan weight sync.
 
 User mistakes (a bad file, an unknown backend, a simulator that raises, a diverging loss)
 end with one ``error:`` line and a non-zero exit, never a traceback; a traceback means a
@@ -85,6 +85,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_sync(args: argparse.Namespace) -> int:
+    """``dvla plan-sync``: how long a weight push takes with the replication plan vs flat.
+
+    Answers "how far from the best possible is our plan, and how bad would a flat broadcast
+    be" for a cluster shape before it is rented; no GPU or network is touched.
+    """
+    import json
+
+    from dvla.control.costmodel import format_size, format_sweep, parse_size, sweep
+    from dvla.control.topology import detect_topology, load_topology
+
+    model_bytes = parse_size(args.model_bytes)
+    if args.topology is not None:
+        topology = load_topology(args.topology)
+        where = args.topology
+    else:
+        detected = detect_topology()
+        if detected is None:
+            raise ConfigError(
+                "no topology: nvidia-smi is not available here; pass --topology FILE "
+                "(e.g. configs/topology/example.yaml)"
+            )
+        topology, where = detected, "detected with nvidia-smi"
+    if args.nodes is None:
+        nodes = [2**i for i in range(11)]
+    else:
+        try:
+            nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+        except ValueError:
+            nodes = []
+        if not nodes or min(nodes) < 1:
+            raise ConfigError(f"--nodes {args.nodes!r}: expected positive integers, e.g. 1,8,128")
+    rows = sweep(topology, model_bytes, nodes)
+    intra, inter = topology.intra_node, topology.inter_node
+    sys.stdout.write(
+        f"topology: {where}: {topology.gpus_per_node} GPUs/node, intra-node "
+        f"{intra.bandwidth_gbps:g} Gb/s {intra.latency_us:g} us, inter-node "
+        f"{inter.bandwidth_gbps:g} Gb/s {inter.latency_us:g} us; "
+        f"model {model_bytes} bytes ({format_size(model_bytes)})\n"
+    )
+    sys.stdout.write(format_sweep(rows))
+    if args.json is not None:
+        doc = {"topology": topology.model_dump(), "model_bytes": model_bytes, "rows": rows}
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+        except OSError as err:
+            raise ConfigError(f"--json {args.json}: cannot write: {err.strerror}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from :func:`main` so docs and tests can inspect it."""
     parser = argparse.ArgumentParser(
@@ -115,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
             help="Override a field, e.g. --set run.max_iterations=5 (repeatable).",
         )
     add("plugins", cmd_plugins, "List installed backends by group, with their packages.")
+    plan = add(
+        "plan-sync",
+        cmd_plan_sync,
+        "Predict weight-push time: replication plan vs flat broadcast vs the lower bound.",
+    )
+    plan.add_argument(
+        "--topology",
+        metavar="FILE",
+        help="Topology YAML, e.g. configs/topology/example.yaml (default: detect this host).",
+    )
+    plan.add_argument(
+        "--model-bytes",
+        required=True,
+        metavar="N",
+        help="Size of one model version: bytes, or 14GB, 500MB, 1GiB.",
+    )
+    plan.add_argument(
+        "--nodes",
+        metavar="N,N,...",
+        help="Node counts to predict for (default 1,2,4,...,1024).",
+    )
+    plan.add_argument("--json", metavar="FILE", help="Also write the rows as JSON here.")
     return parser
 
 

@@ -197,6 +197,66 @@ class DataPlaneConfig(Strict):
         return self
 
 
+class WeightPlaneConfig(Strict):
+    """The control plane that carries new weights from the learner to inference replicas."""
+
+    backend: Literal["auto", "tcp", "gloo", "nccl"] = Field(
+        "auto",
+        description="auto: nccl where cupy's NCCL and a GPU are present, else tcp "
+        "(authenticated, topology-aware relaying); gloo uses torch.distributed's broadcast.",
+    )
+    host: str = Field(
+        "127.0.0.1", description="Address the publisher and receivers listen on (loopback)."
+    )
+    advertise_host: str | None = Field(
+        None, description="Address peers dial, when it differs from host (e.g. host: 0.0.0.0)."
+    )
+    port: int = Field(0, ge=0, le=65535, description="Publisher's control port; 0 picks one.")
+    bucket_mb: float = Field(
+        64.0, gt=0, description="Bucket size: the unit of checksums and of gloo/NCCL calls."
+    )
+    plan: Literal["topology", "flat"] = Field(
+        "topology",
+        description="topology: a pipelined chain across nodes, then within each node; "
+        "flat: the learner sends every receiver its own copy (the baseline).",
+    )
+    topology: str | None = Field(
+        None, description="Topology YAML (see configs/topology/); default: detect, else flat."
+    )
+    min_bandwidth_mbps: float = Field(
+        50.0,
+        gt=0,
+        description="Slowest acceptable rate (MB/s): a round's deadline is "
+        "deadline_base_s + bytes / this.",
+    )
+    deadline_base_s: float = Field(10.0, gt=0, description="Fixed part of every round's deadline.")
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="Publisher pings receivers this often."
+    )
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="A receiver silent this long is dropped from the group."
+    )
+    low_priority: bool = Field(
+        True,
+        description="Run weight-transfer threads at a lower CPU priority, so the data "
+        "plane wins a contended core.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> WeightPlaneConfig:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        return self
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(64, int(self.bucket_mb * 1024 * 1024) // 64 * 64)
+
+    def deadline_s(self, nbytes: int) -> float:
+        """How long one round of ``nbytes`` may take before it counts as failed."""
+        return self.deadline_base_s + nbytes / (self.min_bandwidth_mbps * 1e6)
+
+
 class PipelineFile(Strict):
     """A whole pipeline file."""
 
@@ -205,6 +265,7 @@ class PipelineFile(Strict):
     run: RunConfig = Field(default_factory=RunConfig)  # type: ignore[arg-type]
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)  # type: ignore[arg-type]
     data_plane: DataPlaneConfig = Field(default_factory=DataPlaneConfig)  # type: ignore[arg-type]
+    weight_plane: WeightPlaneConfig = Field(default_factory=WeightPlaneConfig)  # type: ignore[arg-type]
     simulator: BackendSection
     model: BackendSection
     algorithm: BackendSection
