@@ -121,12 +121,20 @@ class PipelineConfig(Strict):
         description="0: simulators run in this process; N: in N sampler processes that talk "
         "to the coordinator over the data plane (async mode only).",
     )
+    inference: Literal["coordinator", "samplers"] = Field(
+        "coordinator",
+        description="Where the policy's forward runs: in the coordinator (sampler processes "
+        "ask it over the data plane), or in every sampler process on its own replica that "
+        "the weight plane keeps up to date (needs sample_processes >= 1).",
+    )
     infer: InferConfig = Field(default_factory=InferConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _shards_fit(self) -> PipelineConfig:
         if self.shards > self.num_envs:
             raise ValueError(f"shards ({self.shards}) cannot exceed num_envs ({self.num_envs})")
+        if self.inference == "samplers" and not self.sample_processes:
+            raise ValueError("inference: samplers needs sample_processes >= 1")
         if self.sample_processes:
             if self.mode != "async":
                 raise ValueError("sample_processes needs mode: async")

@@ -71,3 +71,38 @@ def test_a_killed_sampler_process_fails_the_run_with_its_exit_code(tmp_path: Pat
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: sampler process") and "exited with code -9" in last, last
+
+
+def test_replicas_in_sampler_processes_follow_the_learner(tmp_path: Path) -> None:
+    """Inference in the samplers: new versions arrive over the weight plane while they run."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvla.cli", "run", str(ROOT / "configs" / "toy-replicas.yaml"),
+         "--run-dir", str(run_dir), "--set", "run.max_iterations=15",
+         "--set", "run.eval_episodes=0", "--set", "pipeline.num_envs=32",
+         "--set", "run.target_success=null"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    acc, ws = summary["accounting"], summary["weight_sync"]
+    assert acc["produced"] == acc["consumed"] + acc["dropped_stale"] + acc["discarded"]
+    assert ws["backend"] == "tcp" and ws["rounds"] >= 2 and ws["failed_rounds"] == 0
+    # Version 0 is the learner's initial weights; both samplers applied later ones.
+    versions = ws["sampler_versions"]
+    assert len(versions) == 2 and min(versions.values()) >= 1, versions
+    # Their infer lanes did the forwards, in batches across their own shards.
+    assert summary["lanes"]["infer"]["busy_s"] > 0 and summary["infer_mean_batch"] > 1
+    # Every consumed trajectory came from a version within the staleness bound.
+    assert max(int(k) for k in summary["staleness"]) <= 4
+
+
+def test_inference_in_samplers_needs_sampler_processes(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvla.cli", "validate", str(ROOT / "configs" / "toy.yaml"),
+         "--set", "pipeline.inference=samplers"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inference: samplers needs sample_processes >= 1" in lines[0]

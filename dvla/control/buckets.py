@@ -152,6 +152,7 @@ def pack(state: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor) -
     """Copy ``state`` into ``out`` (a flat uint8 buffer) at the layout's offsets."""
     if out.numel() < layout.total:
         raise ValueError("buffer smaller than layout")
+    devices: set[torch.device] = set()
     for s in layout.slots:
         t = state[s.name]
         if str(t.dtype).removeprefix("torch.") != s.dtype or tuple(t.shape) != s.shape:
@@ -159,8 +160,14 @@ def pack(state: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor) -
         if s.nbytes:
             view = out[s.offset : s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
             view.copy_(t.detach(), non_blocking=True)
+            if t.is_cuda:
+                devices.add(t.device)
     if out.is_cuda:
-        torch.cuda.current_stream(out.device).synchronize()
+        devices.add(out.device)
+    # Copies between a GPU and pinned host memory are asynchronous: wait for them before
+    # anyone hashes or sends the buffer.
+    for dev in devices:
+        torch.cuda.current_stream(dev).synchronize()
 
 
 def unpack(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:

@@ -46,6 +46,15 @@ def nccl_available() -> bool:
         return False
 
 
+def gpu_identity(device: torch.device) -> str:
+    """A GPU's identity across processes: NCCL refuses two ranks on one GPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    return str(uuid) if uuid is not None else f"{props.name}/{device.index or 0}"
+
+
 class GlooGroup:
     """torch.distributed's gloo broadcast over a TCPStore hosted by the publisher.
 

@@ -28,6 +28,7 @@ from dvla.control.collective import (
     Collective,
     GlooGroup,
     NcclGroup,
+    gpu_identity,
     nccl_available,
     new_gloo_store,
     new_group_id,
@@ -47,6 +48,7 @@ class _Peer:
     node: str
     bulk: str
     cuda: bool
+    gpu: str
     sock: socket.socket
     version: int = -1
     alive: bool = True
@@ -107,6 +109,7 @@ class WeightPublisher:
         self._layout: Layout | None = None
         self._buf: torch.Tensor | None = None
         self._spare: torch.Tensor | None = None
+        self._host: tuple[int, torch.Tensor] | None = None
         self._sums: list[int] = []
         self._epoch = 0
         self._group: Collective | None = None
@@ -231,7 +234,14 @@ class WeightPublisher:
             if join["op"] != "join":
                 raise WeightSyncError("expected join")
             name = str(join["name"])[:64]
-            peer = _Peer(name, str(join["node"]), str(join["bulk"]), bool(join.get("cuda")), conn)
+            peer = _Peer(
+                name,
+                str(join["node"]),
+                str(join["bulk"]),
+                bool(join.get("cuda")),
+                str(join.get("gpu", "")),
+                conn,
+            )
             peer.version = int(join.get("version", -1))
             with self._cond:
                 taken = name in self._peers or name == self.name
@@ -336,16 +346,35 @@ class WeightPublisher:
             self._layout, self._sums, self._version = layout, sums, version
             self._cond.notify_all()
 
+    def _host_copy(self, version: int, buf: torch.Tensor) -> torch.Tensor:
+        """The packed version in host memory, for tcp rounds of a GPU-packed version."""
+        cached = self._host
+        if cached is None or cached[0] != version:
+            host = torch.empty(buf.numel(), dtype=torch.uint8, pin_memory=True)
+            host.copy_(buf)
+            self._host = cached = (version, host)
+        return cached[1]
+
     def _backend_for_device(self) -> str:
         if self.cfg.backend != "auto":
             return self.cfg.backend
         return "nccl" if self.device.type == "cuda" and nccl_available() else "tcp"
 
     def _backend(self, targets: list[_Peer]) -> str:
+        """The round's backend; auto falls back to tcp where NCCL cannot serve the group.
+
+        NCCL needs every member on a GPU of its own (one rank per GPU).
+        """
         backend = self._backend_for_device()
-        if backend == "nccl" and not all(p.cuda for p in targets):
-            raise WeightSyncError("backend nccl needs every receiver on a GPU")
-        return backend
+        if backend != "nccl":
+            return backend
+        gpus = [gpu_identity(self.device)] + [p.gpu for p in targets]
+        fits = all(p.cuda for p in targets) and all(gpus) and len(set(gpus)) == len(gpus)
+        if fits:
+            return "nccl"
+        if self.cfg.backend == "nccl":
+            raise WeightSyncError("backend nccl needs every receiver on a GPU of its own")
+        return "tcp"
 
     def _round(self, targets: list[_Peer]) -> RoundReport:
         layout, buf, version = self._layout, self._buf, self._version
@@ -356,7 +385,26 @@ class WeightPublisher:
             epoch = self._epoch
             for p in targets:
                 p.done = None
-        backend = self._backend(targets)
+        try:
+            backend = self._backend(targets)
+        except WeightSyncError as err:
+            for p in targets:
+                p.retry_at = time.monotonic() + 5.0
+            return RoundReport(
+                version,
+                epoch,
+                self.cfg.backend,
+                "-",
+                layout.total,
+                [p.name for p in targets],
+                [],
+                {p.name: str(err) for p in targets},
+                [],
+                0.0,
+                0.0,
+            )
+        if backend == "tcp" and buf.is_cuda:
+            buf = self._host_copy(version, buf)
         deadline_s = self.cfg.deadline_s(layout.total)
         deadline = time.monotonic() + deadline_s
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from dvla.control.buckets import (
     host_view,
     unpack,
 )
-from dvla.control.collective import Collective, GlooGroup, NcclGroup
+from dvla.control.collective import Collective, GlooGroup, NcclGroup, gpu_identity
 from dvla.control.relay import Fanout, Watermark, recv_stream
 from dvla.transport import auth
 
@@ -109,6 +109,7 @@ class WeightReceiver:
                 "bulk": self.bulk_addr,
                 "version": version,
                 "cuda": self.device.type == "cuda",
+                "gpu": gpu_identity(self.device),
             }
             wire.send_msg(sock, join, deadline)
             reply = wire.recv_msg(sock, deadline)

@@ -20,17 +20,25 @@ import torch
 from dvla import logs, registry
 from dvla.backends.base import Algorithm, Policy, Simulator, SimulatorSpec
 from dvla.config import PipelineFile
+from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError, LaneError, SimulatorError
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
-from dvla.pipeline.remote import RemoteSampleLane
+from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
-from dvla.pipeline.weights import LocalWeightBus, ReplicaSet
+from dvla.pipeline.weights import (
+    FanoutBus,
+    LocalWeightBus,
+    ReplicaSet,
+    WeightBus,
+    snapshot,
+    start_publisher,
+)
 from dvla.rundir import RunDir
 
 log = logs.get(__name__)
@@ -55,6 +63,7 @@ class RunSummary:
     accounting: dict[str, float]
     infer_mean_batch: float
     staleness: dict[str, int] = field(default_factory=dict)
+    weight_sync: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
@@ -129,12 +138,22 @@ class Coordinator:
         shards = [
             EnvShard(f"shard{i}", sim, cfg.simulator.name, source) for i, sim in enumerate(sims)
         ]
-        self.bus = LocalWeightBus()
+        self.bus: WeightBus = LocalWeightBus()
         self.replicas = ReplicaSet(self.policy)
+        self.publisher: WeightPublisher | None = None
         self.sample: SampleLane | RemoteSampleLane
         if p.sample_processes:
+            secret = run_secret(cfg)
+            if p.inference == "samplers":
+                self.publisher = start_publisher(cfg, secret, snapshot(self.policy))
+                self.bus = FanoutBus(self.bus, [self.publisher])
             self.sample = RemoteSampleLane(
-                cfg, self.algorithm.group_size, self.accounting, self.rundir.root
+                cfg,
+                self.algorithm.group_size,
+                self.accounting,
+                self.rundir.root,
+                secret,
+                self.publisher.address if self.publisher else None,
             )
         else:
             self.sample = SampleLane(
@@ -144,7 +163,8 @@ class Coordinator:
         self.learn = LearnLane(
             self.algorithm, self.policy, self.bus, self.accounting, p, self._on_iteration
         )
-        self.sync = SyncLane(self.bus, self.replicas, p.lane_timeout_s)
+        local_bus = self.bus.local if isinstance(self.bus, FanoutBus) else self.bus
+        self.sync = SyncLane(local_bus, self.replicas, p.lane_timeout_s)
         self._lanes = [
             self.sample,
             self.infer,
@@ -166,15 +186,47 @@ class Coordinator:
 
     # ----------------------------------------------------------------- reporting
     def lane_shares(self, wall: float | None = None) -> dict[str, dict[str, float]]:
-        """Busy seconds and busy share of wall time, per lane."""
+        """Busy seconds and busy share of wall time, per lane.
+
+        With inference in the sampler processes, their infer and sync lanes are what
+        counts (summed over processes), not the coordinator's idle ones.
+        """
         wall = max(wall if wall is not None else time.perf_counter() - self._t0, 1e-9)
+        stats = {lane.name: lane.stats for lane in self._lanes}
+        if self.publisher is not None and isinstance(self.sample, RemoteSampleLane):
+            stats["infer"], stats["sync"] = self.sample.infer_stats, self.sample.sync_stats
         return {
-            lane.name: {
-                "busy_s": round(lane.stats.busy_s, 4),
-                "share": round(lane.stats.busy_s / wall, 4),
-            }
-            for lane in self._lanes
+            name: {"busy_s": round(st.busy_s, 4), "share": round(st.busy_s / wall, 4)}
+            for name, st in stats.items()
         }
+
+    def infer_mean_batch(self) -> float:
+        """Observations per policy forward, wherever inference runs."""
+        if self.publisher is not None and isinstance(self.sample, RemoteSampleLane):
+            s = self.sample
+            return s.infer_observations / s.infer_batches if s.infer_batches else 0.0
+        return self.infer.mean_batch()
+
+    def weight_sync(self) -> dict[str, Any]:
+        """Weight-plane figures for the summary: rounds, their times, failures."""
+        pub = self.publisher
+        if pub is None:
+            return {}
+        reports = list(pub.reports)
+        secs = sorted(r.seconds for r in reports)
+        out: dict[str, Any] = {
+            "backend": reports[-1].backend if reports else "",
+            "rounds": len(reports),
+            "failed_rounds": sum(not r.ok for r in reports),
+            "bytes": reports[-1].bytes if reports else 0,
+            "round_s_median": round(secs[len(secs) // 2], 4) if secs else 0.0,
+            "round_s_max": round(secs[-1], 4) if secs else 0.0,
+            "receivers": pub.members(),
+            "dropped": list(pub.dropped),
+        }
+        if isinstance(self.sample, RemoteSampleLane):
+            out["sampler_versions"] = dict(self.sample.weights_versions)
+        return out
 
     def _on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
         wall = time.perf_counter() - self._t0
@@ -187,7 +239,7 @@ class Coordinator:
             "success_rate": acc.success_rate(),
             "accounting": acc.as_dict(),
             "lanes": self.lane_shares(),
-            "infer_mean_batch": self.infer.mean_batch(),
+            "infer_mean_batch": self.infer_mean_batch(),
             **metrics,
         }
         self.rundir.append_metrics(row)
@@ -307,6 +359,8 @@ class Coordinator:
             wall = time.perf_counter() - self._t0
             for lane in self._lanes:
                 lane.close()
+            if self.publisher is not None:
+                self.publisher.close()
             self.accounting.discarded += sum(len(g.trajectories) for g in self.learn.pending)
             self.accounting.discarded += self.sample.in_progress()
             self.learn.pending = []
@@ -335,7 +389,8 @@ class Coordinator:
             eval=eval_result,
             lanes=self.lane_shares(wall),
             accounting=acc.as_dict(),
-            infer_mean_batch=self.infer.mean_batch(),
+            infer_mean_batch=self.infer_mean_batch(),
+            weight_sync=self.weight_sync(),
             staleness={str(k): v for k, v in sorted(self.learn.staleness_seen.items())},
         )
         self.rundir.write_summary(asdict(summary))

@@ -50,8 +50,13 @@ def assignment(
     shard_envs: list[int],
     first_shard: int,
     group_size: int,
+    weights: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON document a sampler process reads on stdin."""
+    """The JSON document a sampler process reads on stdin.
+
+    ``weights`` is the weight publisher's address when the sampler runs its own
+    inference replica.
+    """
     return {
         "config": cfg.model_dump(mode="json"),
         "group_size": group_size,
@@ -59,6 +64,7 @@ def assignment(
         "index": index,
         "shard_envs": shard_envs,
         "first_shard": first_shard,
+        "weights": weights,
     }
 
 
@@ -68,14 +74,28 @@ class RemoteSampleLane:
     name = "sample"
 
     def __init__(
-        self, cfg: PipelineFile, group_size: int, accounting: Accounting, log_dir: Path
+        self,
+        cfg: PipelineFile,
+        group_size: int,
+        accounting: Accounting,
+        log_dir: Path,
+        secret: Secret | None = None,
+        weights: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.weights = weights
         self.group_size = group_size
         self.accounting = accounting
         self.log_dir = log_dir
         self.stats = LaneStats("sample")
-        self.secret = run_secret(cfg)
+        self.secret = secret or run_secret(cfg)
+        # With inference in the samplers, their infer and sync lanes report here.
+        self.infer_stats = LaneStats("infer")
+        self.sync_stats = LaneStats("sync")
+        self.infer_batches = 0
+        self.infer_observations = 0
+        self.weights_versions: dict[str, int] = {}
+        self._remote: dict[str, dict[str, float]] = {}
         self.server: DataPlaneServer | None = None
         self.procs: list[asyncio.subprocess.Process] = []
         self._busy: dict[str, float] = {}
@@ -91,7 +111,13 @@ class RemoteSampleLane:
         first = 0
         for k, count in enumerate(per_proc):
             doc = assignment(
-                self.cfg, url, k, shards[first : first + count], first, self.group_size
+                self.cfg,
+                url,
+                k,
+                shards[first : first + count],
+                first,
+                self.group_size,
+                self.weights,
             )
             first += count
             with open(self._log_path(k), "wb") as err:
@@ -121,6 +147,7 @@ class RemoteSampleLane:
         if isinstance(busy, float | int):
             self._busy[producer] = float(busy)
             self.stats.busy_s = sum(self._busy.values())
+        self._merge_remote(producer, stats)
         for traj in group.trajectories:
             self.accounting.record_episode(traj.success, traj.length)
         try:
@@ -129,6 +156,22 @@ class RemoteSampleLane:
             # The server is stopping while this group waited for queue room.
             self.accounting.discarded += len(group.trajectories)
             raise
+
+    def _merge_remote(self, producer: str, stats: dict[str, Any]) -> None:
+        """Sum the counters of samplers that run their own infer and sync lanes."""
+        keys = ("infer_busy_s", "sync_busy_s", "infer_batches", "infer_observations")
+        mine = {k: float(v) for k, v in stats.items() if k in keys and isinstance(v, int | float)}
+        if not mine:
+            return
+        self._remote[producer] = mine
+        total = {k: sum(r.get(k, 0.0) for r in self._remote.values()) for k in keys}
+        self.infer_stats.busy_s = total["infer_busy_s"]
+        self.sync_stats.busy_s = total["sync_busy_s"]
+        self.infer_batches = int(total["infer_batches"])
+        self.infer_observations = int(total["infer_observations"])
+        version = stats.get("weights_version")
+        if isinstance(version, int):
+            self.weights_versions[producer] = version
 
     def _tail(self, k: int) -> str:
         try:

@@ -14,13 +14,19 @@ import secrets
 import sys
 from typing import Any
 
+import torch
+
 from dvla import logs, registry
-from dvla.backends.base import Simulator
+from dvla.backends.base import Simulator, SimulatorSpec
 from dvla.config import PipelineFile
+from dvla.control.receiver import WeightReceiver
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError
+from dvla.pipeline.infer import InferLane
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
+from dvla.pipeline.sync import SyncLane
+from dvla.pipeline.weights import ReplicaSet
 from dvla.transport.auth import Secret
 from dvla.transport.channel import DataPlaneClient
 from dvla.transport.connection import ChannelError
@@ -59,14 +65,24 @@ async def run(doc: dict[str, Any]) -> None:
     lane = SampleLane(shards, int(doc["group_size"]), Accounting(), p.lane_timeout_s)
     # The parent always passes the secret in the environment (the config dump masks it).
     secret = Secret.resolve(None, cfg.data_plane.secret_env)
+    local = (
+        await LocalInference.start(cfg, spec, secret, doc["weights"], producer, index)
+        if doc.get("weights")
+        else None
+    )
     client = DataPlaneClient(doc["url"], cfg.data_plane, secret, producer)
     await client.start()
     stop = asyncio.Event()
 
     async def emit(group: TrajectoryGroup) -> None:
-        await client.send_group(group, {"busy_s": lane.stats.busy_s}, p.lane_timeout_s)
+        stats: dict[str, Any] = {"busy_s": lane.stats.busy_s}
+        if local is not None:
+            stats.update(local.stats())
+        await client.send_group(group, stats, p.lane_timeout_s)
 
     async def request(obs: Any) -> Any:
+        if local is not None:
+            return await local.infer.request(obs)
         return await client.request(obs, p.lane_timeout_s)
 
     async def shard_loop(shard: EnvShard) -> None:
@@ -81,10 +97,16 @@ async def run(doc: dict[str, Any]) -> None:
         stop.set()
 
     watcher = asyncio.create_task(watch())
+    helpers = local.run(stop) if local is not None else []
     try:
         await asyncio.gather(*(shard_loop(s) for s in shards))
     finally:
+        stop.set()
         watcher.cancel()
+        if helpers:
+            await asyncio.wait(helpers, timeout=p.lane_timeout_s)
+        if local is not None:
+            local.close()
         log.info(
             "sampler stopping",
             producer=producer,
@@ -94,6 +116,71 @@ async def run(doc: dict[str, Any]) -> None:
         )
         await client.close()
         lane.close()
+
+
+class LocalInference:
+    """This process's own policy replica, batched infer lane and weight-plane sync lane.
+
+    New weights arrive on the weight plane's threads and are loaded into the standby
+    replica by the sync lane, so the shards keep stepping against the active one.
+    """
+
+    def __init__(
+        self, infer: InferLane, sync: SyncLane, receiver: WeightReceiver, replicas: ReplicaSet
+    ) -> None:
+        self.infer = infer
+        self.sync = sync
+        self.receiver = receiver
+        self.replicas = replicas
+
+    @staticmethod
+    async def start(
+        cfg: PipelineFile,
+        spec: SimulatorSpec,
+        secret: Secret,
+        publisher: str,
+        name: str,
+        index: int,
+    ) -> LocalInference:
+        """Build the replica and wait for the learner's current weights."""
+        p = cfg.pipeline
+        torch.set_num_threads(p.torch_threads)
+        model_cls, model_opts = registry.build_options("model", cfg.model, "<sampler>")
+        policy = model_cls(model_opts, spec)
+        receiver = WeightReceiver(cfg.weight_plane, secret, publisher, name)
+        await asyncio.to_thread(receiver.start, cfg.data_plane.connect_timeout_s)
+        first = await receiver.wait_newer(-1, p.lane_timeout_s)
+        if first is None:
+            receiver.close()
+            raise DvlaError(f"no weights from the learner within {p.lane_timeout_s:g} s")
+        replicas = ReplicaSet(policy, version=-1)
+        await asyncio.to_thread(replicas.load, *first)
+        infer = InferLane(replicas, p.infer, p.lane_timeout_s, cfg.seed + 104729 * (index + 1))
+        sync = SyncLane(receiver, replicas, p.lane_timeout_s)
+        sync.applied = replicas.active.version
+        log.info("local inference ready", sampler=name, version=sync.applied)
+        return LocalInference(infer, sync, receiver, replicas)
+
+    def run(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self.infer.run(stop), name="infer"),
+            asyncio.create_task(self.sync.run(stop), name="sync"),
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters the coordinator aggregates into its infer and sync lanes."""
+        return {
+            "infer_busy_s": self.infer.stats.busy_s,
+            "infer_batches": self.infer.batches,
+            "infer_observations": self.infer.observations,
+            "sync_busy_s": self.sync.stats.busy_s,
+            "weights_version": self.sync.applied,
+        }
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.infer.close()
+        self.sync.close()
 
 
 def main() -> int:

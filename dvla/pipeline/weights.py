@@ -14,11 +14,16 @@ import asyncio
 import copy
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from dvla.backends.base import Policy
+from dvla.config import PipelineFile
+from dvla.transport.auth import Secret
+
+if TYPE_CHECKING:
+    from dvla.control.publisher import WeightPublisher
 
 StateDict = dict[str, torch.Tensor]
 
@@ -63,6 +68,46 @@ class LocalWeightBus:
         return self._version, self._state
 
 
+class WeightSink(Protocol):
+    """Anything the learner's versions are also offered to (e.g. the weight publisher)."""
+
+    def publish(self, version: int, state: StateDict) -> None:
+        """Offer ``state`` as ``version``; must not block on the transfer."""
+
+
+class FanoutBus:
+    """Publishes to the in-process bus and to other sinks; reads from the local bus."""
+
+    def __init__(self, local: WeightBus, sinks: list[WeightSink]) -> None:
+        self.local = local
+        self.sinks = sinks
+
+    def publish(self, version: int, state: StateDict) -> None:
+        self.local.publish(version, state)
+        for sink in self.sinks:
+            sink.publish(version, state)
+
+    async def wait_newer(self, than: int, timeout: float) -> tuple[int, StateDict] | None:
+        return await self.local.wait_newer(than, timeout)
+
+
+def start_publisher(cfg: PipelineFile, secret: Secret, initial: StateDict) -> WeightPublisher:
+    """The weight plane's publisher for a run, already offering the initial weights.
+
+    Version 0 is the learner's initial policy, so replicas in other processes start
+    from exactly the learner's weights rather than from their own initialisation.
+    """
+    from dvla.control.publisher import WeightPublisher
+    from dvla.control.topology import detect_topology, load_topology
+
+    wp = cfg.weight_plane
+    topology = load_topology(wp.topology) if wp.topology else detect_topology()
+    publisher = WeightPublisher(wp, secret, topology=topology)
+    publisher.start()
+    publisher.publish(0, initial)
+    return publisher
+
+
 @dataclass
 class Replica:
     """One inference copy of the policy and the version its weights hold."""
@@ -76,6 +121,7 @@ class ReplicaSet:
     """Double-buffered inference replicas: load into the standby, then swap it in."""
 
     def __init__(self, policy: Policy, version: int = 0) -> None:
+        # Before any version arrives a replica reports ``version`` (-1: nothing loaded yet).
         first = copy.deepcopy(policy).eval()
         second = copy.deepcopy(policy).eval()
         for p in (*first.parameters(), *second.parameters()):
