@@ -324,7 +324,6 @@ class WeightPublisher:
                 log.error("weight round crashed", error=f"{type(err).__name__}: {err}")
                 time.sleep(0.5)
                 continue
-            self.reports.append(report)
             log.info(
                 "weight round",
                 version=report.version,
@@ -427,40 +426,46 @@ class WeightPublisher:
         if fan is not None:
             fan.abort()
             fan.join()
-        delivered, dropped = [], []
+        delivered: list[_Peer] = []
+        dropped: list[str] = []
         for p in targets:
             if not p.alive:
                 dropped.append(p.name)
             elif p.done is not None and p.done.get("ok"):
                 if self._send(p, {"op": "commit", "version": version}, 5.0):
-                    with self._cond:
-                        p.version = version
-                        p.retry_at = 0.0
-                        self._cond.notify_all()
-                    delivered.append(p.name)
+                    delivered.append(p)
             else:
                 reason = str(p.done.get("error")) if p.done else "no report by the deadline"
                 failed.setdefault(p.name, reason)
                 p.retry_at = time.monotonic() + 0.2
                 self._send(p, {"op": "abort", "version": version}, 5.0)
-        failed = {k: v for k, v in failed.items() if k not in delivered and k not in dropped}
+        names = {p.name for p in delivered}
+        failed = {k: v for k, v in failed.items() if k not in names and k not in dropped}
         if backend != "tcp" and (failed or dropped) and self._group is not None:
             # A group that lost or failed a member is never trusted again.
             self._group.close()
             self._group = None
-        return RoundReport(
+        report = RoundReport(
             version,
             epoch,
             backend,
             plan_kind,
             layout.total,
             [p.name for p in targets],
-            delivered,
+            sorted(names),
             failed,
             dropped,
             time.perf_counter() - t0,
             deadline_s,
         )
+        # The report is visible before anyone waiting on the versions wakes up.
+        self.reports.append(report)
+        with self._cond:
+            for p in delivered:
+                p.version = version
+                p.retry_at = 0.0
+            self._cond.notify_all()
+        return report
 
     def _round_msg(
         self, p: _Peer, base: dict[str, Any], layout: Layout, sig: str, **extra: Any
