@@ -129,13 +129,16 @@ class NcclGroup:
         self.gid = str(info["group"])
         self.rank, self.size = int(info["rank"]), int(info["size"])
         self.device = device
-        uid = info["uid"]
-        uid_tuple = tuple(uid) if isinstance(uid, list) else tuple(bytes(uid))
-        signed = tuple(b - 256 if b > 127 else b for b in uid_tuple)
+        raw = bytes(b & 0xFF for b in info["uid"])
         with torch.cuda.device(device):
             self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
             try:
-                self.comm = nccl.NcclCommunicator(self.size, signed, self.rank)
+                try:
+                    self.comm = nccl.NcclCommunicator(self.size, raw, self.rank)
+                except TypeError:
+                    # CuPy before 14 takes the id as a tuple of signed chars.
+                    signed = tuple(b - 256 if b > 127 else b for b in raw)
+                    self.comm = nccl.NcclCommunicator(self.size, signed, self.rank)
             except nccl.NcclError as err:
                 raise WeightSyncError(f"NCCL group {self.gid} could not form: {err}") from None
 
@@ -144,7 +147,8 @@ class NcclGroup:
         """A fresh NCCL unique id as unsigned bytes (msgpack-able)."""
         from cupy.cuda import nccl
 
-        return [b & 0xFF for b in nccl.get_unique_id()]
+        uid = nccl.get_unique_id()
+        return list(uid) if isinstance(uid, bytes | bytearray) else [b & 0xFF for b in uid]
 
     def broadcast(self, buf: torch.Tensor, layout: Layout, deadline: float) -> None:
         from cupy.cuda import nccl

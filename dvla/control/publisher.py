@@ -110,7 +110,9 @@ class WeightPublisher:
         self._buf: torch.Tensor | None = None
         self._spare: torch.Tensor | None = None
         self._host: tuple[int, torch.Tensor] | None = None
-        self._sums: list[int] = []
+        # Checksums of the current version, keyed by "computed on a GPU buffer": the
+        # algorithm follows the buffer's device, which is the receivers' too.
+        self._sums: dict[bool, list[int]] = {}
         self._epoch = 0
         self._group: Collective | None = None
         self._group_members: tuple[str, ...] = ()
@@ -342,7 +344,8 @@ class WeightPublisher:
         sums = checksums(buf, layout)
         with self._cond:
             self._spare, self._buf = self._buf, buf
-            self._layout, self._sums, self._version = layout, sums, version
+            self._layout, self._version = layout, version
+            self._sums = {buf.is_cuda: sums}
             self._cond.notify_all()
 
     def _host_copy(self, version: int, buf: torch.Tensor) -> torch.Tensor:
@@ -402,8 +405,10 @@ class WeightPublisher:
                 0.0,
                 0.0,
             )
-        if backend == "tcp" and buf.is_cuda:
+        if backend != "nccl" and buf.is_cuda:
             buf = self._host_copy(version, buf)
+        if buf.is_cuda not in self._sums:
+            self._sums[buf.is_cuda] = checksums(buf, layout)
         deadline_s = self.cfg.deadline_s(layout.total)
         deadline = time.monotonic() + deadline_s
         t0 = time.perf_counter()
@@ -412,7 +417,8 @@ class WeightPublisher:
             "version": version,
             "epoch": epoch,
             "backend": backend,
-            "checksums": self._sums,
+            "checksums": self._sums[buf.is_cuda],
+            "checksum": "device" if buf.is_cuda else "host",
             "deadline_s": deadline_s,
         }
         plan_kind = self.cfg.plan if backend == "tcp" else backend

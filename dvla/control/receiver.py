@@ -314,6 +314,8 @@ class WeightReceiver:
                 self._receive_tcp(msg, version, epoch, layout, buf, deadline)
             else:
                 self._receive_collective(msg, layout, buf, deadline)
+            if msg.get("checksum", "host") != ("device" if buf.is_cuda else "host"):
+                raise WeightSyncError("checksum kind does not match the receive buffer's device")
             bad = first_bad_bucket(buf, layout, msg["checksums"])
             if bad is not None:
                 raise WeightSyncError(f"bucket {bad} of version {version} failed its checksum")
