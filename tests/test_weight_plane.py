@@ -327,3 +327,37 @@ def test_a_frozen_receiver_is_dropped_and_the_rest_go_on(
         assert "r1" in pub.dropped
     finally:
         pub.close()
+
+
+def test_a_receiver_says_so_when_the_publisher_vanishes(cfg: WeightPlaneConfig) -> None:
+    pub = WeightPublisher(cfg, SECRET)
+    rec = WeightReceiver(cfg, SECRET, pub.start(), "r0")
+    try:
+        rec.start()
+        pub.publish(1, _state())
+        assert rec.take_newer(0, 10) is not None
+        # No goodbye: the publisher's sockets just go away, as when its process dies.
+        for p in list(pub._peers.values()):
+            p.sock.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(WeightSyncError, match="weight plane lost"):
+            rec.take_newer(1, 10)
+    finally:
+        rec.close()
+        pub.close()
+
+
+def test_after_a_goodbye_polling_waits_instead_of_spinning(cfg: WeightPlaneConfig) -> None:
+    pub = WeightPublisher(cfg, SECRET)
+    rec = WeightReceiver(cfg, SECRET, pub.start(), "r0")
+    try:
+        rec.start()
+        pub.close()
+        t0 = time.monotonic()
+        while not rec._closed.is_set():
+            assert time.monotonic() - t0 < 5
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert rec.take_newer(-1, 0.3) is None
+        assert time.monotonic() - t0 >= 0.25 and rec.lost is None
+    finally:
+        rec.close()

@@ -53,6 +53,7 @@ class _Peer:
     version: int = -1
     alive: bool = True
     retry_at: float = 0.0
+    failures: int = 0
     layout_sig: str = ""
     done: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -443,7 +444,9 @@ class WeightPublisher:
             else:
                 reason = str(p.done.get("error")) if p.done else "no report by the deadline"
                 failed.setdefault(p.name, reason)
-                p.retry_at = time.monotonic() + 0.2
+                # Back off a receiver that keeps failing, so it cannot make rounds spin.
+                p.failures += 1
+                p.retry_at = time.monotonic() + min(5.0, 0.1 * 2**p.failures)
                 self._send(p, {"op": "abort", "version": version}, 5.0)
         names = {p.name for p in delivered}
         failed = {k: v for k, v in failed.items() if k not in names and k not in dropped}
@@ -470,6 +473,7 @@ class WeightPublisher:
             for p in delivered:
                 p.version = version
                 p.retry_at = 0.0
+                p.failures = 0
             self._cond.notify_all()
         return report
 

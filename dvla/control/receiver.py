@@ -76,6 +76,8 @@ class WeightReceiver:
         self._inbox: dict[tuple[int, int], socket.socket] = {}
         self._rounds: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._closed = threading.Event()
+        #: Why the publisher was lost (it left without a goodbye); None while all is well.
+        self.lost: str | None = None
         self._ctl: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -157,14 +159,22 @@ class WeightReceiver:
 
         The returned tensors view a receive buffer that stays untouched until the next
         call, which is the consumer saying it has finished copying them.
+
+        Raises:
+            WeightSyncError: the publisher vanished without saying goodbye; replicas
+                would otherwise serve ever staler weights in silence.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
             self._release_lease()
             while self._committed is None or self._committed.version <= than:
+                if self.lost is not None:
+                    raise WeightSyncError(f"weight plane lost: {self.lost}")
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed.is_set():
+                if remaining <= 0:
                     return None
+                # After an orderly goodbye nothing new comes: wait out the timeout
+                # rather than return at once, so a polling caller does not spin.
                 self._cond.wait(remaining)
             held = self._committed
             self._leased = held
@@ -224,6 +234,7 @@ class WeightReceiver:
                     break
         except (OSError, ConnectionError, TimeoutError, WeightSyncError) as err:
             if not self._closed.is_set():
+                self.lost = f"{self.publisher} unreachable ({type(err).__name__}: {err})"
                 log.warning("weight publisher lost", receiver=self.name, error=str(err))
         finally:
             self._closed.set()

@@ -81,6 +81,7 @@ def main() -> int:
     """Receive and report versions until the publisher says goodbye."""
     from dvla import logs
     from dvla.config import WeightPlaneConfig
+    from dvla.control.buckets import WeightSyncError
     from dvla.control.receiver import WeightReceiver
     from dvla.transport.auth import Secret
 
@@ -97,7 +98,10 @@ def main() -> int:
     version = -1
     try:
         while True:
-            got = rec.take_newer(version, 1.0)
+            try:
+                got = rec.take_newer(version, 1.0)
+            except WeightSyncError:
+                return 1
             if got is None:
                 if rec._closed.is_set():
                     return 0
