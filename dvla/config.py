@@ -333,6 +333,25 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file safely, rejecting duplicate keys, with one-line errors.
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid YAML (with line and column).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineFile:
     """Read and validate a pipeline file.
 
@@ -345,17 +364,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         ConfigError: the file is missing, is not valid YAML, or fails validation.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read pipeline file: {err.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{p}{where}: invalid YAML: {problem}") from None
+    data = read_yaml(p, "pipeline file")
     if overrides and isinstance(data, dict):
         for dotted, value in overrides.items():
             apply_override(data, dotted, value)

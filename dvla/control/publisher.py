@@ -535,22 +535,25 @@ class WeightPublisher:
         backend = base["backend"]
         names = tuple(p.name for p in targets)
         timeout = max(1.0, deadline - time.monotonic())
-        if self._group is None or self._group_members != names:
+        fresh = self._group is None or self._group_members != names
+        if fresh:
             if self._group is not None:
                 self._group.close()
             self._group = None
-            gid = new_group_id()
-            info: dict[str, Any] = {"group": gid, "size": len(targets) + 1}
+            info: dict[str, Any] = {"group": new_group_id(), "size": len(targets) + 1}
             if backend == "gloo":
                 if self._store is None:
                     self._store, self._store_addr = new_gloo_store(self.cfg.host, 60.0)
                 info["store"] = self._store_addr
             else:
                 info["uid"] = NcclGroup.unique_id()
-            for rank, p in enumerate(targets, start=1):
-                self._send(
-                    p, self._round_msg(p, base, layout, sig, group={**info, "rank": rank}), 5.0
-                )
+        else:
+            assert self._group is not None
+            info = {"group": self._group.gid, "size": len(targets) + 1}
+        for rank, p in enumerate(targets, start=1):
+            msg = self._round_msg(p, base, layout, sig, group={**info, "rank": rank})
+            self._send(p, msg, 5.0)
+        if fresh:
             try:
                 if backend == "gloo":
                     group: Collective = GlooGroup({**info, "rank": 0}, timeout, self._store)
@@ -559,12 +562,7 @@ class WeightPublisher:
             except WeightSyncError as err:
                 return {p.name: str(err) for p in targets}
             self._group, self._group_members = group, names
-        else:
-            info = {"group": self._group.gid, "size": len(targets) + 1}
-            for rank, p in enumerate(targets, start=1):
-                self._send(
-                    p, self._round_msg(p, base, layout, sig, group={**info, "rank": rank}), 5.0
-                )
+        assert self._group is not None
         try:
             self._group.broadcast(buf, layout, deadline)
         except (WeightSyncError, TimeoutError) as err:

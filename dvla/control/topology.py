@@ -16,11 +16,10 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dvla.config import format_validation_error, read_yaml
 from dvla.errors import ConfigError
 
 # Defaults of `detect_topology`: nvidia-smi tells GPU count and NVLink presence, not speeds.
@@ -93,43 +92,6 @@ class Topology(BaseModel):
         return self.model_copy(update={"nodes": nodes})
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that rejects a key given twice (YAML would silently keep the last)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
-def _one_line(source: str, err: ValidationError) -> str:
-    errors = err.errors()
-    first = errors[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<top level>"
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    else:
-        msg = first["msg"]
-        if "input" in first and not isinstance(first["input"], dict | list):
-            msg += f" (got {first['input']!r})"
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {path}: {msg}{more}"
-
-
 def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file.
 
@@ -138,24 +100,14 @@ def load_topology(path: str | Path) -> Topology:
             out of range; the message is one line naming the file and the field.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read topology file: {err.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{p}{where}: invalid YAML: {problem}") from None
+    data = read_yaml(p, "topology file")
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "an empty document"
         raise ConfigError(f"{p}: expected a mapping at the top level, got {kind}")
     try:
         return Topology.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_one_line(str(p), err)) from None
+        raise ConfigError(format_validation_error(str(p), err)) from None
 
 
 def _run(args: list[str], timeout_s: float) -> str | None:
