@@ -245,9 +245,11 @@ class WeightPlaneConfig(Strict):
         10.0, gt=0, description="A receiver silent this long is dropped from the group."
     )
     low_priority: bool = Field(
-        True,
-        description="Run weight-transfer threads at a lower CPU priority, so the data "
-        "plane wins a contended core.",
+        False,
+        description="Run weight-transfer threads at a lower CPU nice level, so the data "
+        "plane wins a contended core. Off by default: a lowered thread that holds the "
+        "interpreter lock when preempted stalls its whole process (measured: 4x slower "
+        "rounds and fewer learner updates on 2 cores); see docs/weight-plane.md.",
     )
 
     @model_validator(mode="after")

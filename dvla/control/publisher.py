@@ -147,6 +147,9 @@ class WeightPublisher:
             self._send(p, {"op": "bye"}, 1.0)
             self._drop(p, "publisher closing", log_it=False)
         try:
+            # close() alone does not wake a thread blocked in accept(); shutdown does.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
         finally:
             for t in self._threads:
@@ -519,6 +522,7 @@ class WeightPublisher:
             plan.chunk_bytes,
             deadline,
             self.secret,
+            self.cfg.low_priority,
         )
         fan.start([(c, bulk[c]) for c in plan.children(self.name)])
         return fan

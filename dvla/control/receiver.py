@@ -371,7 +371,17 @@ class WeightReceiver:
         view = host_view(buf)
         mark = Watermark(layout.total)
         chunk = int(msg["chunk"])
-        fan = Fanout(version, epoch, self.name, view, mark, chunk, deadline, self.secret)
+        fan = Fanout(
+            version,
+            epoch,
+            self.name,
+            view,
+            mark,
+            chunk,
+            deadline,
+            self.secret,
+            self.cfg.low_priority,
+        )
         fan.start([(str(n), str(a)) for n, a in msg["children"]])
         try:
             sock = self._await_stream((version, epoch), deadline)

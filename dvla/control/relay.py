@@ -100,6 +100,7 @@ class Fanout:
     chunk: int
     deadline: float
     secret: auth.Secret
+    low_priority: bool = False
     failed: dict[str, str] = field(default_factory=dict)
     threads: list[tuple[str, threading.Thread]] = field(default_factory=list)
     socks: list[socket.socket] = field(default_factory=list)
@@ -114,7 +115,8 @@ class Fanout:
             self.threads.append((name, t))
 
     def _send(self, name: str, addr: str) -> None:
-        wire.lower_priority()
+        if self.low_priority:
+            wire.lower_priority()
         try:
             timeout = max(0.1, min(10.0, self.deadline - time.monotonic()))
             sock = wire.connect(addr, self.secret, self.source, timeout)
