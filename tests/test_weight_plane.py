@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -174,8 +175,13 @@ def test_a_version_failing_its_checksums_is_never_applied(
 ) -> None:
     import dvla.control.publisher as publisher
 
-    real = publisher.checksums
-    monkeypatch.setattr(publisher, "checksums", lambda buf, layout: [1] * len(layout.buckets))
+    real = publisher.pack_bucket
+
+    def wrong(*args: Any, **kwargs: Any) -> int:
+        real(*args, **kwargs)
+        return 1  # not the bucket's checksum
+
+    monkeypatch.setattr(publisher, "pack_bucket", wrong)
     pub = WeightPublisher(cfg, SECRET)
     rec = WeightReceiver(cfg, SECRET, pub.start(), "r0")
     try:
@@ -186,7 +192,7 @@ def test_a_version_failing_its_checksums_is_never_applied(
             time.sleep(0.05)
         assert any("checksum" in why for rep in pub.reports for why in rep.failed.values())
         assert rec.take_newer(-1, 0.5) is None and rec.version == -1
-        monkeypatch.setattr(publisher, "checksums", real)
+        monkeypatch.setattr(publisher, "pack_bucket", real)
         pub.publish(2, _state(50_000, seed=2))
         got = rec.take_newer(-1, 10)
         assert got is not None and got[0] == 2

@@ -11,7 +11,7 @@ before anything reads it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,51 @@ def pack(state: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor) -
     # anyone hashes or sends the buffer.
     for dev in devices:
         torch.cuda.current_stream(dev).synchronize()
+
+
+def pack_range(
+    state: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor, lo: int, hi: int
+) -> None:
+    """Copy the bytes of ``state`` that belong in ``out[lo:hi]`` (a flat host buffer).
+
+    Copies are blocking, so the bytes are in place on return whatever the tensors' device.
+    """
+    for s in layout.slots:
+        a, b = max(lo, s.offset), min(hi, s.offset + s.nbytes)
+        if a >= b:
+            continue
+        t = state[s.name]
+        if str(t.dtype).removeprefix("torch.") != s.dtype or tuple(t.shape) != s.shape:
+            raise WeightSyncError(f"weight {s.name!r} changed dtype or shape since the layout")
+        src = t.detach()
+        if a > s.offset or b < s.offset + s.nbytes:  # part of a tensor: its flat bytes
+            part = src.contiguous().reshape(-1).view(torch.uint8)[a - s.offset : b - s.offset]
+            out[a:b].copy_(part)
+        else:
+            out[a:b].view(_DTYPES[s.dtype]).view(s.shape).copy_(src)
+
+
+def pack_bucket(
+    state: Mapping[str, torch.Tensor],
+    layout: Layout,
+    out: torch.Tensor,
+    index: int,
+    piece_bytes: int,
+    advance: Callable[[int], None],
+) -> int:
+    """Pack bucket ``index`` of a host buffer piece by piece; return its checksum.
+
+    ``advance(end)`` follows every piece, so a sender can forward it while the next one is
+    packed. The checksum is hashed along the way and equals :func:`bucket_checksum`.
+    """
+    a, n = layout.buckets[index]
+    h = xxhash.xxh3_64()
+    for lo in range(a, a + n, piece_bytes):
+        hi = min(a + n, lo + piece_bytes)
+        pack_range(state, layout, out, lo, hi)
+        h.update(host_view(out[lo:hi]))
+        advance(hi)
+    return int(h.intdigest())
 
 
 def unpack(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -24,8 +25,18 @@ class Collective(Protocol):
 
     gid: str
 
-    def broadcast(self, buf: torch.Tensor, layout: Layout, deadline: float) -> None:
-        """Broadcast ``buf`` from rank 0, bucket by bucket, finishing by ``deadline``."""
+    def broadcast(
+        self,
+        buf: torch.Tensor,
+        layout: Layout,
+        deadline: float,
+        ready: Callable[[int], None] | None = None,
+    ) -> None:
+        """Broadcast ``buf`` from rank 0, bucket by bucket, finishing by ``deadline``.
+
+        ``ready(i)``, where given (rank 0), fills bucket ``i`` just before it is sent, so
+        packing a version overlaps sending its earlier buckets.
+        """
 
     def close(self) -> None:
         """Release the group; it is never used again."""
@@ -85,13 +96,23 @@ class GlooGroup:
         except RuntimeError as err:
             raise WeightSyncError(f"gloo group {self.gid} could not form: {err}") from None
 
-    def broadcast(self, buf: torch.Tensor, layout: Layout, deadline: float) -> None:
+    def broadcast(
+        self,
+        buf: torch.Tensor,
+        layout: Layout,
+        deadline: float,
+        ready: Callable[[int], None] | None = None,
+    ) -> None:
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         bcast = self.pg.broadcast  # type: ignore[attr-defined]
-        works = [bcast([buf[a : a + n]], opts) for a, n in layout.buckets]
+        works = []
+        for i, (a, n) in enumerate(layout.buckets):
+            if ready is not None:
+                ready(i)
+            works.append(bcast([buf[a : a + n]], opts))
         try:
             for w in works:
                 remaining = deadline - time.monotonic()
@@ -150,7 +171,13 @@ class NcclGroup:
         uid = nccl.get_unique_id()
         return list(uid) if isinstance(uid, bytes | bytearray) else [b & 0xFF for b in uid]
 
-    def broadcast(self, buf: torch.Tensor, layout: Layout, deadline: float) -> None:
+    def broadcast(
+        self,
+        buf: torch.Tensor,
+        layout: Layout,
+        deadline: float,
+        ready: Callable[[int], None] | None = None,
+    ) -> None:
         from cupy.cuda import nccl
 
         if not buf.is_cuda:
@@ -158,7 +185,9 @@ class NcclGroup:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         base = buf.data_ptr()
         try:
-            for a, n in layout.buckets:
+            for i, (a, n) in enumerate(layout.buckets):
+                if ready is not None:
+                    ready(i)
                 self.comm.bcast(base + a, n, nccl.NCCL_UINT8, 0, self.stream.cuda_stream)
         except nccl.NcclError as err:
             raise WeightSyncError(f"NCCL broadcast failed: {err}") from None

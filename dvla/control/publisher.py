@@ -23,7 +23,15 @@ import torch
 from dvla import logs
 from dvla.config import WeightPlaneConfig
 from dvla.control import wire
-from dvla.control.buckets import Layout, WeightSyncError, checksums, empty_buffer, host_view, pack
+from dvla.control.buckets import (
+    Layout,
+    WeightSyncError,
+    checksums,
+    empty_buffer,
+    host_view,
+    pack,
+    pack_bucket,
+)
 from dvla.control.collective import (
     Collective,
     GlooGroup,
@@ -40,6 +48,10 @@ from dvla.transport import auth
 
 log = logs.get(__name__)
 StateDict = dict[str, torch.Tensor]
+#: Packing unit of a version that is sent while it is packed: small enough that its
+#: first bytes leave at once, large enough that a piece costs far more than its
+#: bookkeeping.
+PACK_PIECE = 8 * 1024 * 1024
 
 
 @dataclass
@@ -57,6 +69,24 @@ class _Peer:
     layout_sig: str = ""
     done: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Packing:
+    """A host-memory version whose first round sends it while it is still being packed.
+
+    ``mark`` rises piece by piece as the buffer fills; the checksums, complete only at
+    the end, follow the data in a ``sums`` message. ``previous`` is what to restore if
+    packing fails half-way (the state changed shape after ``publish``).
+    """
+
+    version: int
+    state: StateDict
+    layout: Layout
+    buf: torch.Tensor
+    mark: Watermark
+    previous: tuple[int, Layout | None, torch.Tensor | None, dict[bool, list[int]]]
+    sums: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +144,7 @@ class WeightPublisher:
         # Checksums of the current version, keyed by "computed on a GPU buffer": the
         # algorithm follows the buffer's device, which is the receivers' too.
         self._sums: dict[bool, list[int]] = {}
+        self._packing: _Packing | None = None
         self._epoch = 0
         self._group: Collective | None = None
         self._group_members: tuple[str, ...] = ()
@@ -320,10 +351,15 @@ class WeightPublisher:
                     for p in self._peers.values()
                     if p.alive and p.version < self._version and p.retry_at <= now
                 ]
-                if not targets:
+                packing = self._packing if not targets else None
+                if not targets and packing is None:
                     if self._pending is None:
                         self._cond.wait(0.2)
                     continue
+            if packing is not None:  # nobody to send it to yet: pack it for later rounds
+                with contextlib.suppress(WeightSyncError, RuntimeError):
+                    self._fill(packing)
+                continue
             try:
                 report = self._round(sorted(targets, key=lambda p: p.name))
             except Exception as err:  # a bug must not silently stop replication
@@ -344,6 +380,16 @@ class WeightPublisher:
         buf = self._spare
         if buf is None or buf.numel() != layout.total or buf.device != device:
             buf = empty_buffer(layout, device)
+        if device.type == "cpu":
+            # The round that sends it packs it too, piece by piece (see _fill_bucket).
+            with self._cond:
+                previous = (self._version, self._layout, self._buf, self._sums)
+                mark = Watermark(layout.total)
+                self._packing = _Packing(version, state, layout, buf, mark, previous)
+                self._spare, self._buf = self._buf, buf
+                self._layout, self._version, self._sums = layout, version, {}
+                self._cond.notify_all()
+            return
         pack(state, layout, buf)
         sums = checksums(buf, layout)
         with self._cond:
@@ -351,6 +397,36 @@ class WeightPublisher:
             self._layout, self._version = layout, version
             self._sums = {buf.is_cuda: sums}
             self._cond.notify_all()
+
+    def _fill_bucket(self, packing: _Packing, i: int) -> None:
+        """Pack bucket ``i`` of a version being sent; its bytes go as each piece lands."""
+        try:
+            packing.sums.append(
+                pack_bucket(
+                    packing.state, packing.layout, packing.buf, i, PACK_PIECE, packing.mark.advance
+                )
+            )
+        except (WeightSyncError, RuntimeError) as err:
+            packing.mark.fail(err)
+            with self._cond:
+                self._packing = None
+                self._version, self._layout, self._buf, self._sums = packing.previous
+                self._spare = packing.buf
+            log.error("weights could not be packed", version=packing.version, error=str(err))
+            raise
+        if len(packing.sums) == len(packing.layout.buckets):
+            with self._cond:
+                self._sums, self._packing = {False: packing.sums}, None
+
+    def _fill(self, packing: _Packing) -> None:
+        for i in range(len(packing.sums), len(packing.layout.buckets)):
+            self._fill_bucket(packing, i)
+
+    def _send_sums(self, targets: list[_Peer], version: int, epoch: int, sums: list[int]) -> None:
+        body = {"op": "sums", "version": version, "epoch": epoch, "checksums": sums}
+        for p in targets:
+            if p.alive:
+                self._send(p, body, 5.0)
 
     def _host_copy(self, version: int, buf: torch.Tensor) -> torch.Tensor:
         """The packed version in host memory, for tcp rounds of a GPU-packed version."""
@@ -411,7 +487,8 @@ class WeightPublisher:
             )
         if backend != "nccl" and buf.is_cuda:
             buf = self._host_copy(version, buf)
-        if buf.is_cuda not in self._sums:
+        packing = self._packing
+        if packing is None and buf.is_cuda not in self._sums:
             self._sums[buf.is_cuda] = checksums(buf, layout)
         deadline_s = self.cfg.deadline_s(layout.total)
         deadline = time.monotonic() + deadline_s
@@ -421,7 +498,8 @@ class WeightPublisher:
             "version": version,
             "epoch": epoch,
             "backend": backend,
-            "checksums": self._sums[buf.is_cuda],
+            # None while the version is still being packed: a sums message follows.
+            "checksums": self._sums[buf.is_cuda] if packing is None else None,
             "checksum": "device" if buf.is_cuda else "host",
             "deadline_s": deadline_s,
         }
@@ -429,9 +507,19 @@ class WeightPublisher:
         fan: Fanout | None = None
         failed: dict[str, str] = {}
         if backend == "tcp":
-            fan = self._start_tcp(targets, base, layout, buf, sig, version, epoch, deadline)
+            done = Watermark(layout.total, layout.total)
+            mark = packing.mark if packing is not None else done
+            fan = self._start_tcp(targets, base, layout, buf, sig, version, epoch, deadline, mark)
+            if packing is not None:
+                try:
+                    self._fill(packing)
+                    self._send_sums(targets, version, epoch, packing.sums)
+                except (WeightSyncError, RuntimeError) as err:
+                    failed.update({p.name: f"packing failed: {err}" for p in targets})
         else:
-            failed.update(self._run_collective(targets, base, layout, buf, sig, deadline))
+            failed.update(
+                self._run_collective(targets, base, layout, buf, sig, deadline, packing, epoch)
+            )
         self._await_done(targets, deadline)
         if fan is not None:
             fan.abort()
@@ -499,6 +587,7 @@ class WeightPublisher:
         version: int,
         epoch: int,
         deadline: float,
+        mark: Watermark,
     ) -> Fanout:
         members = [Member(p.name, p.node) for p in targets]
         plan = build_plan(
@@ -518,7 +607,7 @@ class WeightPublisher:
             epoch,
             self.name,
             view,
-            Watermark(layout.total, layout.total),
+            mark,
             plan.chunk_bytes,
             deadline,
             self.secret,
@@ -535,6 +624,8 @@ class WeightPublisher:
         buf: torch.Tensor,
         sig: str,
         deadline: float,
+        packing: _Packing | None = None,
+        epoch: int = 0,
     ) -> dict[str, str]:
         backend = base["backend"]
         names = tuple(p.name for p in targets)
@@ -567,9 +658,17 @@ class WeightPublisher:
                 return {p.name: str(err) for p in targets}
             self._group, self._group_members = group, names
         assert self._group is not None
+        ready = None
+        if packing is not None:
+
+            def ready(i: int) -> None:
+                self._fill_bucket(packing, i)
+                if i == len(layout.buckets) - 1:
+                    self._send_sums(targets, packing.version, epoch, packing.sums)
+
         try:
-            self._group.broadcast(buf, layout, deadline)
-        except (WeightSyncError, TimeoutError) as err:
+            self._group.broadcast(buf, layout, deadline, ready)
+        except (WeightSyncError, TimeoutError, RuntimeError) as err:
             self._group.close()
             self._group = None
             return {p.name: str(err) for p in targets}

@@ -32,7 +32,7 @@ from dvla.control.buckets import (
     unpack,
 )
 from dvla.control.collective import Collective, GlooGroup, NcclGroup, gpu_identity
-from dvla.control.relay import Fanout, Watermark, recv_stream
+from dvla.control.relay import BucketChecker, Fanout, Watermark, recv_stream
 from dvla.transport import auth
 
 log = logs.get(__name__)
@@ -74,6 +74,7 @@ class WeightReceiver:
         self._layout: Layout | None = None
         self._group: Collective | None = None
         self._inbox: dict[tuple[int, int], socket.socket] = {}
+        self._late_sums: tuple[int, int, list[int]] = (-1, -1, [])
         self._rounds: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._closed = threading.Event()
         #: Why the publisher was lost (it left without a goodbye); None while all is well.
@@ -228,6 +229,11 @@ class WeightReceiver:
                     self._rounds.put(msg)
                 elif op == "commit":
                     self._commit(int(msg["version"]))
+                elif op == "sums":  # a version's checksums, after its data
+                    with self._cond:
+                        sums = [int(x) for x in msg["checksums"]]
+                        self._late_sums = (int(msg["version"]), int(msg["epoch"]), sums)
+                        self._cond.notify_all()
                 elif op == "abort":
                     self._abort(int(msg["version"]))
                 elif op == "bye":
@@ -259,6 +265,22 @@ class WeightReceiver:
             if self._staged is not None and self._staged.version == version:
                 self._free.append(self._staged.buf)
                 self._staged = None
+
+    def _checksums(self, msg: dict[str, Any], deadline: float) -> list[int]:
+        """The round's checksums, from its message or from the ``sums`` message after it.
+
+        A version that the publisher packs while sending it has its checksums follow.
+        """
+        if msg.get("checksums") is not None:
+            return [int(x) for x in msg["checksums"]]
+        key = (int(msg["version"]), int(msg["epoch"]))
+        with self._cond:
+            while self._late_sums[:2] != key:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed.is_set():
+                    raise TimeoutError("no checksums from the publisher before the deadline")
+                self._cond.wait(remaining)
+            return self._late_sums[2]
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -321,15 +343,15 @@ class WeightReceiver:
                 raise WeightSyncError("round without a layout")
             nccl = msg["backend"] == "nccl"
             buf = self._buffer(layout, self.device if nccl else torch.device("cpu"))
-            if msg["backend"] == "tcp":
+            if msg.get("checksum", "host") != ("device" if buf.is_cuda else "host"):
+                raise WeightSyncError("checksum kind does not match the receive buffer's device")
+            if msg["backend"] == "tcp":  # checks each bucket as it arrives
                 self._receive_tcp(msg, version, epoch, layout, buf, deadline)
             else:
                 self._receive_collective(msg, layout, buf, deadline)
-            if msg.get("checksum", "host") != ("device" if buf.is_cuda else "host"):
-                raise WeightSyncError("checksum kind does not match the receive buffer's device")
-            bad = first_bad_bucket(buf, layout, msg["checksums"])
-            if bad is not None:
-                raise WeightSyncError(f"bucket {bad} of version {version} failed its checksum")
+                bad = first_bad_bucket(buf, layout, self._checksums(msg, deadline))
+                if bad is not None:
+                    raise WeightSyncError(f"bucket {bad} of version {version} failed its checksum")
         except (OSError, ConnectionError, TimeoutError, WeightSyncError, KeyError) as err:
             error = f"{type(err).__name__}: {err}"
         if error:
@@ -383,12 +405,18 @@ class WeightReceiver:
             self.cfg.low_priority,
         )
         fan.start([(str(n), str(a)) for n, a in msg["children"]])
+        checker = BucketChecker(
+            buf, layout, lambda: self._checksums(msg, deadline), mark, deadline, version
+        )
+        checker.start()
         try:
             sock = self._await_stream((version, epoch), deadline)
             try:
                 recv_stream(sock, view, mark, chunk, deadline)
             finally:
                 sock.close()
+            # Checked as the buckets arrived, and before waiting for the children.
+            checker.result()
         except BaseException as err:
             mark.fail(err)
             fan.abort()

@@ -12,11 +12,14 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from dvla import logs
 from dvla.control import wire
-from dvla.control.buckets import WeightSyncError
+from dvla.control.buckets import Layout, WeightSyncError, bucket_checksum
 from dvla.transport import auth
 
 log = logs.get(__name__)
@@ -158,3 +161,56 @@ class Fanout:
             for s in self.socks:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+class BucketChecker:
+    """Checks each bucket's checksum as soon as the watermark says it has arrived.
+
+    A thread of its own beside the receiving one, so checking a version overlaps its
+    transfer: when the last byte arrives only the last bucket is left to check.
+    ``expected`` returns the checksums, waiting for them where they follow the data.
+    """
+
+    def __init__(
+        self,
+        buf: torch.Tensor,
+        layout: Layout,
+        expected: Callable[[], Sequence[int]],
+        mark: Watermark,
+        deadline: float,
+        version: int,
+    ) -> None:
+        self.buf, self.layout, self.expected = buf, layout, expected
+        self.mark, self.deadline, self.version = mark, deadline, version
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dvla-weights-check", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            # Hash each bucket as it lands; the expected sums may only follow the data
+            # (a version packed while it is sent), so compare at the end.
+            got = []
+            for a, n in self.layout.buckets:
+                self.mark.wait_above(a + n - 1, self.deadline)
+                got.append(bucket_checksum(self.buf[a : a + n]))
+            expected = [int(x) for x in self.expected()]
+            if len(expected) != len(got):
+                raise WeightSyncError(f"bucket 0 of version {self.version} failed its checksum")
+            for i, (have, want) in enumerate(zip(got, expected, strict=True)):
+                if have != want:
+                    raise WeightSyncError(
+                        f"bucket {i} of version {self.version} failed its checksum"
+                    )
+        except (OSError, ConnectionError, TimeoutError, WeightSyncError, ValueError) as err:
+            self.error = err
+
+    def result(self) -> None:
+        """Wait for the last bucket's check (bounded by the deadline); raise what failed."""
+        self._thread.join(max(0.0, self.deadline - time.monotonic()) + 1.0)
+        if self._thread.is_alive():
+            raise TimeoutError("weight checksums not done by the deadline")
+        if self.error is not None:
+            raise self.error
