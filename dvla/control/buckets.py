@@ -148,15 +148,21 @@ def empty_buffer(layout: Layout, device: torch.device | str = "cpu") -> torch.Te
     return torch.empty(layout.total, dtype=torch.uint8, device=dev, pin_memory=pin)
 
 
+def _source(state: Mapping[str, torch.Tensor], slot: Slot) -> torch.Tensor:
+    """The tensor for ``slot``, refused if it no longer matches the layout."""
+    t = state[slot.name]
+    if str(t.dtype).removeprefix("torch.") != slot.dtype or tuple(t.shape) != slot.shape:
+        raise WeightSyncError(f"weight {slot.name!r} changed dtype or shape since the layout")
+    return t
+
+
 def pack(state: Mapping[str, torch.Tensor], layout: Layout, out: torch.Tensor) -> None:
     """Copy ``state`` into ``out`` (a flat uint8 buffer) at the layout's offsets."""
     if out.numel() < layout.total:
         raise ValueError("buffer smaller than layout")
     devices: set[torch.device] = set()
     for s in layout.slots:
-        t = state[s.name]
-        if str(t.dtype).removeprefix("torch.") != s.dtype or tuple(t.shape) != s.shape:
-            raise WeightSyncError(f"weight {s.name!r} changed dtype or shape since the layout")
+        t = _source(state, s)
         if s.nbytes:
             view = out[s.offset : s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
             view.copy_(t.detach(), non_blocking=True)
@@ -176,15 +182,14 @@ def pack_range(
     """Copy the bytes of ``state`` that belong in ``out[lo:hi]`` (a flat host buffer).
 
     Copies are blocking, so the bytes are in place on return whatever the tensors' device.
+    Pass contiguous tensors: a piece of a strided one makes a whole contiguous copy of it,
+    once per piece.
     """
     for s in layout.slots:
         a, b = max(lo, s.offset), min(hi, s.offset + s.nbytes)
         if a >= b:
             continue
-        t = state[s.name]
-        if str(t.dtype).removeprefix("torch.") != s.dtype or tuple(t.shape) != s.shape:
-            raise WeightSyncError(f"weight {s.name!r} changed dtype or shape since the layout")
-        src = t.detach()
+        src = _source(state, s).detach()
         if a > s.offset or b < s.offset + s.nbytes:  # part of a tensor: its flat bytes
             part = src.contiguous().reshape(-1).view(torch.uint8)[a - s.offset : b - s.offset]
             out[a:b].copy_(part)

@@ -382,6 +382,13 @@ class WeightPublisher:
             buf = empty_buffer(layout, device)
         if device.type == "cpu":
             # The round that sends it packs it too, piece by piece (see _fill_bucket).
+            if self._packing is not None:
+                # A round ended before the last version was packed whole; its buffer is
+                # the fallback if this one fails, so it must be complete first.
+                with contextlib.suppress(WeightSyncError, RuntimeError):
+                    self._fill(self._packing)
+            # Pieces of a strided tensor would each copy all of it: make it dense once.
+            state = {k: t if t.is_contiguous() else t.contiguous() for k, t in state.items()}
             with self._cond:
                 previous = (self._version, self._layout, self._buf, self._sums)
                 mark = Watermark(layout.total)
