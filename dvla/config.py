@@ -267,6 +267,91 @@ class WeightPlaneConfig(Strict):
         return self.deadline_base_s + nbytes / (self.min_bandwidth_mbps * 1e6)
 
 
+class PlacementConfig(Strict):
+    """Which worker hosts which sampler process, and what each process needs.
+
+    The learner (learn lane and the weight publisher of the sync lane) runs with the
+    coordinator; the infer lane runs there too, or in every sampler process when
+    ``pipeline.inference: samplers``; the sample lane's ``pipeline.sample_processes``
+    processes (slots) are spread over the workers that have room for them.
+    """
+
+    processes_per_worker: int = Field(
+        0, ge=0, description="Most sampler processes one worker runs; 0: as its resources allow."
+    )
+    cpus_per_process: float = Field(1.0, ge=0, description="CPU cores one sampler process needs.")
+    memory_gb_per_process: float = Field(
+        0.5, ge=0, description="Memory (GB) one sampler process needs, simulators included."
+    )
+    gpus_per_process: float = Field(0.0, ge=0, description="GPUs one sampler process needs.")
+
+
+class ClusterConfig(Strict):
+    """Coordinator and workers: registration, liveness, placement, stopping, HTTP API."""
+
+    listen: str | None = Field(
+        None,
+        description="HOST:PORT the coordinator serves workers and sampler processes on "
+        "(one port for both); default: data_plane.host and data_plane.port.",
+    )
+    local_workers: int = Field(
+        1,
+        ge=0,
+        description="Workers the coordinator starts in its own process (`dvla run` uses "
+        "them; 0: only remote `dvla-worker`s host sampler processes).",
+    )
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Workers report this often.")
+    heartbeat_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A heartbeat is missed when none arrives within this of the previous one.",
+    )
+    heartbeat_misses: int = Field(
+        3,
+        ge=1,
+        description="Missed heartbeats in a row after which a worker is declared dead and its "
+        "sampler processes are placed elsewhere (detection within misses x timeout).",
+    )
+    restart_backoff_s: float = Field(
+        1.0, ge=0, description="First delay before a crashed sampler process is restarted."
+    )
+    reconnect_max_s: float = Field(
+        10.0, gt=0, description="Longest (jittered) pause between a worker's reconnect attempts."
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="SIGTERM/SIGINT or POST /stop: lanes drain, a final checkpoint is written "
+        "and the coordinator exits within this.",
+    )
+    http: bool = Field(True, description="Serve /healthz, /status, /metrics and POST /stop.")
+    http_host: str = Field("127.0.0.1", description="Address of the HTTP API (loopback).")
+    http_port: int = Field(0, ge=0, le=65535, description="Port of the HTTP API; 0 picks one.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> ClusterConfig:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        return self
+
+    @property
+    def dead_after_s(self) -> float:
+        """Silence after which a worker is declared dead."""
+        return self.heartbeat_timeout_s * self.heartbeat_misses
+
+
+class CheckpointConfig(Strict):
+    """Training-state checkpoints: what ``--resume`` continues from."""
+
+    every_iterations: int = Field(
+        0, ge=0, description="Write a checkpoint every this many learner updates; 0: never."
+    )
+    keep: int = Field(3, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    final: bool = Field(True, description="Write one when the run stops (also on SIGTERM).")
+    dir: str | None = Field(None, description="Where; default <run dir>/checkpoints.")
+
+
 class PipelineFile(Strict):
     """A whole pipeline file."""
 
@@ -276,6 +361,8 @@ class PipelineFile(Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)  # type: ignore[arg-type]
     data_plane: DataPlaneConfig = Field(default_factory=DataPlaneConfig)  # type: ignore[arg-type]
     weight_plane: WeightPlaneConfig = Field(default_factory=WeightPlaneConfig)  # type: ignore[arg-type]
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)  # type: ignore[arg-type]
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
     simulator: BackendSection
     model: BackendSection
     algorithm: BackendSection

@@ -1,37 +1,35 @@
-"""The sample lane run in sampler processes, seen from the coordinator.
+"""The sample lane run in sampler processes on workers, seen from the coordinator.
 
-The coordinator serves the data plane; each sampler process connects, asks the infer lane
-for actions and ships finished groups, which land in the same trajectory queue the
-in-process sample lane feeds. A sampler process that exits while the run goes on fails
-the run with its exit code and the end of its log (restarting simulator processes is the
-worker daemon's job).
+The coordinator serves one data-plane port. Workers register on it (see
+:mod:`dvla.cluster`) and start the sampler processes placed on them; each sampler process
+connects to the same port, asks the infer lane for actions (or runs its own replica) and
+ships finished groups, which land in the same trajectory queue the in-process sample lane
+feeds. ``dvla run`` starts its workers inside this process (``cluster.local_workers``), so
+a single-machine run and a cluster run take the same path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from dvla import logs
-from dvla.config import PipelineFile
+from dvla.cluster.protocol import Resources
+from dvla.cluster.server import ClusterServer
+from dvla.cluster.worker import Worker
+from dvla.config import DataPlaneConfig, PipelineFile
 from dvla.data import ActionBatch, ObsBatch, TrajectoryGroup
-from dvla.errors import LaneError
+from dvla.errors import ConfigError, LaneError
 from dvla.pipeline.stats import Accounting, LaneStats
 from dvla.transport.auth import Secret
 from dvla.transport.channel import DataPlaneServer
 
 log = logs.get(__name__)
-
-
-def _split(n: int, parts: int) -> list[int]:
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def run_secret(cfg: PipelineFile) -> Secret:
@@ -43,33 +41,19 @@ def run_secret(cfg: PipelineFile) -> Secret:
     return Secret.generate()
 
 
-def assignment(
-    cfg: PipelineFile,
-    url: str,
-    index: int,
-    shard_envs: list[int],
-    first_shard: int,
-    group_size: int,
-    weights: str | None = None,
-) -> dict[str, Any]:
-    """The JSON document a sampler process reads on stdin.
-
-    ``weights`` is the weight publisher's address when the sampler runs its own
-    inference replica.
-    """
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "group_size": group_size,
-        "url": url,
-        "index": index,
-        "shard_envs": shard_envs,
-        "first_shard": first_shard,
-        "weights": weights,
-    }
+def listen_config(cfg: PipelineFile) -> DataPlaneConfig:
+    """The data-plane settings of the coordinator's one port (``cluster.listen`` wins)."""
+    listen = cfg.cluster.listen
+    if not listen:
+        return cfg.data_plane
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"cluster.listen {listen!r}: expected HOST:PORT")
+    return cfg.data_plane.model_copy(update={"host": host.strip("[]"), "port": int(port)})
 
 
 class RemoteSampleLane:
-    """Sampler processes plus the data-plane server they talk to."""
+    """Sampler processes on workers, plus the data-plane server they and the workers use."""
 
     name = "sample"
 
@@ -81,6 +65,7 @@ class RemoteSampleLane:
         log_dir: Path,
         secret: Secret | None = None,
         weights: str | None = None,
+        generation: int = 0,
     ) -> None:
         self.cfg = cfg
         self.weights = weights
@@ -97,44 +82,13 @@ class RemoteSampleLane:
         self.weights_versions: dict[str, int] = {}
         self._remote: dict[str, dict[str, float]] = {}
         self.server: DataPlaneServer | None = None
-        self.procs: list[asyncio.subprocess.Process] = []
+        self.cluster = ClusterServer(cfg, group_size, accounting, weights, generation)
+        self.cluster.on_producer_gone = self._producer_gone
+        self.local_workers: list[Worker] = []
         self._busy: dict[str, float] = {}
 
-    def _log_path(self, k: int) -> Path:
-        return self.log_dir / f"sampler{k}.log"
-
-    async def _spawn(self, url: str) -> None:
-        p = self.cfg.pipeline
-        shards = _split(p.num_envs, p.shards)
-        per_proc = _split(p.shards, p.sample_processes)
-        env = {**os.environ, self.cfg.data_plane.secret_env: self.secret.value.decode()}
-        first = 0
-        for k, count in enumerate(per_proc):
-            doc = assignment(
-                self.cfg,
-                url,
-                k,
-                shards[first : first + count],
-                first,
-                self.group_size,
-                self.weights,
-            )
-            first += count
-            with open(self._log_path(k), "wb") as err:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "dvla.pipeline.sampler_process",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=err,
-                    env=env,
-                )
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(doc).encode())
-            await asyncio.wait_for(proc.stdin.drain(), 10)
-            proc.stdin.close()
-            self.procs.append(proc)
+    def _producer_gone(self, producer: str) -> None:
+        self.weights_versions.pop(producer, None)
 
     async def _on_group(
         self,
@@ -143,18 +97,23 @@ class RemoteSampleLane:
         stats: dict[str, Any],
         emit: Callable[[TrajectoryGroup], Awaitable[None]],
     ) -> None:
+        n = len(group.trajectories)
+        if self.cluster.is_fenced(producer):
+            self.cluster.record_fenced_delivery(producer, n)
+            return
         busy = stats.get("busy_s")
         if isinstance(busy, float | int):
             self._busy[producer] = float(busy)
             self.stats.busy_s = sum(self._busy.values())
         self._merge_remote(producer, stats)
+        self.cluster.record_delivery(producer, n)
         for traj in group.trajectories:
             self.accounting.record_episode(traj.success, traj.length)
         try:
             await emit(group)
         except asyncio.CancelledError:
             # The server is stopping while this group waited for queue room.
-            self.accounting.discarded += len(group.trajectories)
+            self.accounting.discarded += n
             raise
 
     def _merge_remote(self, producer: str, stats: dict[str, Any]) -> None:
@@ -173,12 +132,29 @@ class RemoteSampleLane:
         if isinstance(version, int):
             self.weights_versions[producer] = version
 
-    def _tail(self, k: int) -> str:
-        try:
-            lines = self._log_path(k).read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1][-300:] if lines else ""
+    def _local_worker(self, k: int, url: str) -> Worker:
+        """A worker inside this process, registering over the same port as remote ones."""
+        place = self.cfg.cluster.placement
+        res = Resources.detect()
+        # Locally the user asked for these processes on this machine: CPU may be
+        # oversubscribed (a warning says so); memory and GPUs stay what they are.
+        need = math.ceil(self.cfg.pipeline.sample_processes * place.cpus_per_process)
+        if need > res.cpus:
+            log.warning(
+                "sampler processes oversubscribe this host's cores",
+                cores=res.cpus,
+                processes=self.cfg.pipeline.sample_processes,
+            )
+            res = Resources(need, res.memory_gb, res.gpus)
+        return Worker(
+            url,
+            self.secret,
+            name=f"local{k}",
+            resources=res,
+            log_dir=self.log_dir,
+            data_plane=self.cfg.data_plane,
+            give_up_s=self.cfg.cluster.dead_after_s,
+        )
 
     async def run(
         self,
@@ -186,46 +162,50 @@ class RemoteSampleLane:
         emit: Callable[[TrajectoryGroup], Awaitable[None]],
         stop: asyncio.Event,
     ) -> None:
-        """Serve the sampler processes until ``stop``; then tell them to finish."""
+        """Serve workers and sampler processes until ``stop``; then tell them to finish."""
 
         async def on_group(group: TrajectoryGroup, producer: str, stats: dict[str, Any]) -> None:
             await self._on_group(group, producer, stats, emit)
 
-        self.server = DataPlaneServer(self.cfg.data_plane, self.secret, request, on_group)
+        self.server = DataPlaneServer(
+            listen_config(self.cfg), self.secret, request, on_group, on_control=self.cluster.handle
+        )
         url = await self.server.start()
-        log.info("data plane listening", url=url, processes=self.cfg.pipeline.sample_processes)
+        self.cluster.url = url
+        self.cluster.sampler_connections = self.server.connections
+        log.info("coordinator listening", url=url, slots=self.cfg.pipeline.sample_processes)
+        local_stop = asyncio.Event()
+        self.local_workers = [
+            self._local_worker(k, url) for k in range(self.cfg.cluster.local_workers)
+        ]
+        workers = [asyncio.create_task(w.run(local_stop)) for w in self.local_workers]
         try:
-            await self._spawn(url)
             while not stop.is_set():
-                for k, proc in enumerate(self.procs):
-                    if proc.returncode is not None:
-                        raise LaneError(
-                            f"sampler process {k} exited with code {proc.returncode}: "
-                            f"{self._tail(k) or 'no output'} (log: {self._log_path(k)})"
-                        )
+                await self.cluster.tick()
+                for w, task in zip(self.local_workers, workers, strict=True):
+                    if task.done() and not task.cancelled():
+                        err = task.exception()
+                        if err is not None:
+                            raise LaneError(
+                                f"local worker {w.name} failed: {type(err).__name__}: {err}"
+                            ) from err
+                        if task.result() != 0:
+                            raise LaneError(f"local worker {w.name} failed: {w.exit_reason}")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.2)
+                    await asyncio.wait_for(stop.wait(), 0.1)
         finally:
+            await self.cluster.stop_workers("run finished", 2.0)
             await self.server.close()
-            await self._reap(10.0)
-
-    async def _reap(self, timeout: float) -> None:
-        """Wait for the processes to leave after CLOSE; kill any that do not."""
-        for proc in self.procs:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                log.warning("sampler process did not exit; killing it", pid=proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            local_stop.set()
+            if workers:
+                await asyncio.wait(workers, timeout=15.0)
+            for w in self.local_workers:
+                w.supervisor.kill_all()
 
     def in_progress(self) -> int:
         """Remote episodes are counted once delivered, so none are in flight here."""
         return 0
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+        for w in self.local_workers:
+            w.supervisor.kill_all()

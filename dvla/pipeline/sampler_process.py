@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
+import os
 import secrets
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dvla import logs, registry
 from dvla.backends.base import Simulator, SimulatorSpec
+from dvla.cluster.supervisor import COUNTER
 from dvla.config import PipelineFile
 from dvla.control.receiver import WeightReceiver
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError
 from dvla.pipeline.infer import InferLane
-from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
+from dvla.pipeline.sample import EnvShard, Episode, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
 from dvla.pipeline.weights import ReplicaSet
@@ -48,16 +53,18 @@ async def run(doc: dict[str, Any]) -> None:
             sim.close()
         raise
     spec = sims[0].spec
-    source = EpisodeSource(
+    source = CountingSource(
         [t.num_init_states for t in spec.tasks],
         int(doc["group_size"]),
-        cfg.seed + 7919 * (index + 1),
+        cfg.seed + 7919 * (int(doc.get("seed_index", index)) + 1),
         limited=False,
-        group_offset=index,
-        group_stride=p.sample_processes,
+        group_offset=int(doc.get("group_offset", index)),
+        group_stride=int(doc.get("group_stride", p.sample_processes)),
     )
+    if doc.get("counter"):
+        source.attach(Path(doc["counter"]))
     # A restarted sampler is a new producer: its sequence numbers start again at 1.
-    producer = f"sampler{index}-{secrets.token_hex(4)}"
+    producer = str(doc.get("producer") or f"sampler{index}-{secrets.token_hex(4)}")
     shards = [
         EnvShard(f"{producer}-shard{j}", sim, cfg.simulator.name, source)
         for j, sim in enumerate(sims)
@@ -116,6 +123,44 @@ async def run(doc: dict[str, Any]) -> None:
         )
         await client.close()
         lane.close()
+
+
+class CountingSource(EpisodeSource):
+    """An episode source that also counts, in a file its worker maps, episodes started.
+
+    The count survives this process: after a crash the worker reads how many episodes
+    were started, and the coordinator knows how many of them it received.
+    """
+
+    _counter: mmap.mmap | None = None
+    _started = 0
+
+    def attach(self, path: Path) -> None:
+        with path.open("r+b") as fh:
+            self._counter = mmap.mmap(fh.fileno(), COUNTER.size)
+
+    def take(self, n: int) -> list[Episode]:
+        out = super().take(n)
+        if out and self._counter is not None:
+            self._started += len(out)
+            COUNTER.pack_into(self._counter, 0, self._started)
+        return out
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its worker dies (Linux only).
+
+    The worker spawns from its event-loop thread, which lives as long as the worker, so
+    the parent-thread semantics of PR_SET_PDEATHSIG do not fire early.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the worker died before the call above took effect
+        os._exit(1)
 
 
 class LocalInference:
@@ -188,6 +233,8 @@ def main() -> int:
     logs.configure("info")
     try:
         doc = json.loads(sys.stdin.read())
+        if doc.get("parent_pid"):
+            _die_with_parent(int(doc["parent_pid"]))
         import uvloop
 
         uvloop.run(run(doc))

@@ -33,21 +33,32 @@ class LaneStats:
 class Accounting:
     """Where every trajectory went.
 
-    ``produced == consumed + dropped_stale + discarded + in_flight`` holds at every
-    instant, where ``in_flight`` counts trajectories waiting in queues or in groups not yet
-    complete (see :meth:`in_flight`).
+    ``produced == consumed + dropped_stale + discarded + discarded_dead_worker +
+    in_flight`` holds at every instant, where ``in_flight`` counts trajectories waiting in
+    queues or in groups not yet complete (see :meth:`in_flight`). A trajectory is produced
+    when the coordinator receives it. ``episodes_lost`` counts episodes sampler processes
+    started but never delivered because the process crashed or its worker died (exact for
+    a crash, as of the worker's last heartbeat for a dead worker).
     """
 
     produced: int = 0
     consumed: int = 0
     dropped_stale: int = 0
     discarded: int = 0
+    discarded_dead_worker: int = 0
+    episodes_lost: int = 0
     env_steps: int = 0
     episodes_success: int = 0
     window: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
 
     def in_flight(self) -> int:
-        return self.produced - self.consumed - self.dropped_stale - self.discarded
+        return (
+            self.produced
+            - self.consumed
+            - self.dropped_stale
+            - self.discarded
+            - self.discarded_dead_worker
+        )
 
     def record_episode(self, success: bool, steps: int) -> None:
         self.produced += 1
@@ -64,6 +75,8 @@ class Accounting:
             "consumed": self.consumed,
             "dropped_stale": self.dropped_stale,
             "discarded": self.discarded,
+            "discarded_dead_worker": self.discarded_dead_worker,
+            "episodes_lost": self.episodes_lost,
             "in_flight": self.in_flight(),
             "env_steps": self.env_steps,
             "success_rate": round(self.success_rate(), 4),

@@ -30,6 +30,9 @@ log = logs.get(__name__)
 
 OnObs = Callable[[ObsBatch], Awaitable[ActionBatch]]
 OnGroup = Callable[[TrajectoryGroup, str, dict[str, Any]], Awaitable[None]]
+OnControl = Callable[[Connection], Awaitable[None]]
+#: Peers whose names start with this carry CONTROL messages (cluster workers), not data.
+CONTROL_PEER = "worker:"
 
 
 class ChunkLedger:
@@ -74,11 +77,13 @@ class DataPlaneServer:
         on_obs: OnObs,
         on_group: OnGroup,
         name: str = "coordinator",
+        on_control: OnControl | None = None,
     ) -> None:
         self.cfg = cfg
         self.secret = secret
         self.on_obs = on_obs
         self.on_group = on_group
+        self.on_control = on_control
         self.name = name
         self.ledger = ChunkLedger()
         self.listener: endpoints.Listener | None = None
@@ -114,7 +119,17 @@ class DataPlaneServer:
         with contextlib.suppress(ChannelError):
             await conn.send(MsgType.ACK, {"producer": producer, "seq": seq})
 
+    def connections(self) -> list[Connection]:
+        """Open connections (data and control)."""
+        return list(self.listener.connections) if self.listener is not None else []
+
     async def _handle(self, conn: Connection) -> None:
+        if conn.peer.startswith(CONTROL_PEER):
+            if self.on_control is None:
+                conn.protocol.fail(FrameError("unexpected", "this server takes no workers"))
+                return
+            await self.on_control(conn)
+            return
         answers: set[asyncio.Task[None]] = set()
         try:
             async for mtype, body in conn.messages():

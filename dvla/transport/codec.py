@@ -42,6 +42,7 @@ _SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.ERROR: {"code": (str,), "message": (str,)},
     MsgType.CLOSE: {"reason": (str,)},
     MsgType.BATCH: {"type": (int,), "items": (list,)},
+    MsgType.CONTROL: {"op": (str,), "data": (dict,)},
 }
 #: Optional fields (same format); anything else is rejected.
 _OPTIONAL: dict[MsgType, dict[str, tuple[type, ...]]] = {

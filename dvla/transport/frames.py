@@ -85,6 +85,7 @@ class MsgType(IntEnum):
     ERROR = 8
     CLOSE = 9
     BATCH = 10
+    CONTROL = 11
 
 
 #: Message types a BATCH frame may carry: the high-rate ones, never control messages.

@@ -1,0 +1,1 @@
+"""Multi-process and multi-node runs: coordinator and worker daemons."""
