@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -60,17 +61,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``dvla run``: the embedded coordinator, with every lane in this process."""
+    """``dvla run``: the embedded coordinator, with its workers in this process."""
+    cfg = load_and_check(args.file, args.set)
+    return run_pipeline(cfg, args.file, args.run_dir, resume=args.resume)
+
+
+def run_pipeline(
+    cfg: PipelineFile, source: str, run_dir: str | None, *, resume: bool = False
+) -> int:
+    """Run ``cfg`` to its end as coordinator: the path of ``dvla run`` and the daemon.
+
+    Raises:
+        DvlaError: the run could not start or failed (logged to the run's log first).
+    """
     from dvla.pipeline import Coordinator
     from dvla.rundir import RunDir
 
-    cfg = load_and_check(args.file, args.set)
-    rundir = RunDir.for_config(cfg, args.run_dir)
+    if resume and not (run_dir or cfg.run.dir):
+        raise ConfigError("--resume needs the run directory to resume (--run-dir or run.dir)")
+    if resume and not Path(run_dir or cfg.run.dir or "").is_dir():
+        raise ConfigError(f"--resume: run directory {run_dir or cfg.run.dir} does not exist")
+    rundir = RunDir.for_config(cfg, run_dir)
     logs.configure(cfg.run.log_level, rundir.log_path)
     rundir.write_config(cfg)
     log = logs.get("dvla.run")
     try:
-        coordinator = Coordinator(cfg, rundir, source=args.file)
+        coordinator = Coordinator(cfg, rundir, source=source, resume=resume, exit_watchdog=True)
         summary = coordinator.run()
     except DvlaError as err:
         logs.get(f"{logs.FILE_ONLY}.run").error(
@@ -156,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "Run a pipeline file on this machine (embedded coordinator).")
     run.add_argument("file", help="Pipeline YAML file, e.g. configs/toy.yaml.")
     run.add_argument("--run-dir", help="Where to write logs and metrics (overrides run.dir).")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue from the newest valid checkpoint in the run directory.",
+    )
     val = add("validate", cmd_validate, "Check a pipeline file without running it.")
     val.add_argument("file")
     for p in (run, val):

@@ -300,6 +300,12 @@ class ClusterConfig(Strict):
         description="Workers the coordinator starts in its own process (`dvla run` uses "
         "them; 0: only remote `dvla-worker`s host sampler processes).",
     )
+    min_workers: int = Field(
+        1,
+        ge=1,
+        description="Sampler slots are first placed once this many workers have joined, so "
+        "they spread over the cluster instead of filling the first worker to arrive.",
+    )
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Workers report this often.")
     heartbeat_timeout_s: float = Field(
         2.0,

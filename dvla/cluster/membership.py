@@ -66,6 +66,7 @@ class WorkerRecord:
             "slots": sorted(self.slots),
             "last_heartbeat_s": round(now - self.last_seen, 3),
             "sampler_restarts": self.sampler_restarts,
+            "samplers": self.samplers,
             "reason": self.reason,
         }
 
@@ -106,6 +107,11 @@ class Membership:
         #: Placements made so far, across restarts of the coordinator (the data cursor).
         self.generation = generation
         self._next_id = 0
+
+    @property
+    def joined_ever(self) -> int:
+        """Registrations so far (placement may wait for the first ``min_workers``)."""
+        return self._next_id
 
     def add(self, name: str, host: str, res: Resources, now: float | None = None) -> WorkerRecord:
         """Register a worker (checked by :func:`refusal` first) under a fresh id."""

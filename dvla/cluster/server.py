@@ -87,6 +87,12 @@ class ClusterServer:
     def is_fenced(self, producer: str) -> bool:
         return worker_of(producer) in self.fenced
 
+    def refuse_peer(self, peer: str) -> str | None:
+        """A sampler of a fenced worker that connects late (it was still starting)."""
+        if self.is_fenced(peer):
+            return f"fenced: worker {worker_of(peer)} was declared dead"
+        return None
+
     def record_delivery(self, producer: str, trajectories: int) -> None:
         self.delivered[producer] = self.delivered.get(producer, 0) + trajectories
 
@@ -240,8 +246,9 @@ class ClusterServer:
         """Declare silent workers dead, then place pending slots; called every ~100 ms."""
         for rec in self.membership.check():
             await self._fence(rec, rec.reason)
-        for rec, slot in self.membership.place(set(self.conns)):
-            await self._assign(rec, slot)
+        if self.membership.joined_ever >= self.cfg.cluster.min_workers:
+            for rec, slot in self.membership.place(set(self.conns)):
+                await self._assign(rec, slot)
         pending = self.membership.pending()
         now = time.monotonic()
         if pending and now - self._warned_pending > 30:
@@ -280,6 +287,8 @@ class ClusterServer:
         lost = sum(self._count_lost(s["producer"], s["started"]) for s in rec.samplers)
         for s in rec.samplers:
             self.on_producer_gone(s["producer"])
+        prefix = f"{rec.id}."
+        doomed = [c for c in self.sampler_connections() if c.peer.startswith(prefix)]
         log.warning(
             "worker lost; its slots are re-placed",
             worker=rec.id,
@@ -287,9 +296,8 @@ class ClusterServer:
             state=rec.state,
             reason=reason,
             episodes_lost=lost,
+            closing=[c.peer for c in doomed],
         )
-        prefix = f"{rec.id}."
-        doomed = [c for c in self.sampler_connections() if c.peer.startswith(prefix)]
         conn = self.conns.pop(rec.id, None)
         if conn is not None and rec.state == DEAD:
             with contextlib.suppress(ChannelError):

@@ -246,6 +246,9 @@ class Worker:
                     self.exit_reason = data["reason"]
                     await self.supervisor.stop_all(10.0, graceful=True)
                     return True
+            # Stopped from this side (SIGTERM): say so, so the slots move at once.
+            with contextlib.suppress(ChannelError):
+                await conn.send(MsgType.CONTROL, protocol.message("leaving", reason="stopped"), 2.0)
             return True
         except (FrameError, ChannelError) as err:
             log.warning("control connection failed", error=str(err))

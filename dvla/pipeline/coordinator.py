@@ -9,20 +9,27 @@ after another, as colocated trainers do, so the two modes differ only in overlap
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dvla import logs, registry
 from dvla.backends.base import Algorithm, Policy, Simulator, SimulatorSpec
+from dvla.cluster.checkpoint import CheckpointStore, TrainingState
 from dvla.config import PipelineFile
 from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError, LaneError, SimulatorError
+from dvla.pipeline import checkpointing
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
@@ -84,14 +91,42 @@ def _split(n: int, parts: int) -> list[int]:
 class Coordinator:
     """Runs one pipeline file in this process."""
 
-    def __init__(self, cfg: PipelineFile, rundir: RunDir, source: str = "<config>") -> None:
+    def __init__(
+        self,
+        cfg: PipelineFile,
+        rundir: RunDir,
+        source: str = "<config>",
+        resume: bool = False,
+        exit_watchdog: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.rundir = rundir
         self.source = source
         self.stop_reason = "running"
-        self._t0 = 0.0
+        self.state = "starting"
+        self._t0 = time.perf_counter()
         self._stop: asyncio.Event | None = None
         self._lanes: list[Lane | RemoteSampleLane] = []
+        # POST /stop and signals end the process within drain_timeout_s even if a lane
+        # hangs; only the CLI sets this, never an embedding program or a test.
+        self.exit_watchdog = exit_watchdog
+        self.secret = run_secret(cfg)
+        self.api_url = ""
+        ck = cfg.checkpoint
+        self.checkpoints = checkpointing.Checkpointer(
+            CheckpointStore(Path(ck.dir) if ck.dir else rundir.root / "checkpoints", ck.keep),
+            ck.every_iterations,
+        )
+        self.resumed: dict[str, Any] | None = None
+        self._resume_state: TrainingState | None = None
+        if resume:
+            found = self.checkpoints.store.latest()
+            if found is None:
+                raise DvlaError(
+                    f"--resume: no valid checkpoint in {self.checkpoints.store.directory}"
+                )
+            path, self._resume_state = found
+            self.resumed = {"path": str(path), "iteration": self._resume_state.iteration}
         self._build()
 
     # ----------------------------------------------------------------- building
@@ -126,9 +161,15 @@ class Coordinator:
         algo_cls, algo_opts = registry.build_options("algorithm", cfg.algorithm, self.source)
         opt_cls, opt_opts = registry.build_options("optimizer", cfg.optimizer, self.source)
         self.policy: Policy = model_cls(model_opts, spec)
-        optimizer = opt_cls(opt_opts).build(self.policy.parameters())
+        self.optimizer = optimizer = opt_cls(opt_opts).build(self.policy.parameters())
         self.algorithm: Algorithm = algo_cls(algo_opts, self.policy, optimizer)
         self.accounting = Accounting(window=deque(maxlen=cfg.run.success_window))
+        version, generation = 0, 0
+        if self._resume_state is not None:
+            st = self._resume_state
+            assert self.resumed is not None
+            self.resumed["digest"] = checkpointing.restore(self, st)
+            version, generation = st.policy_version, st.cursor.get("generation", 0)
         source = EpisodeSource(
             [t.num_init_states for t in spec.tasks],
             self.algorithm.group_size,
@@ -139,13 +180,13 @@ class Coordinator:
             EnvShard(f"shard{i}", sim, cfg.simulator.name, source) for i, sim in enumerate(sims)
         ]
         self.bus: WeightBus = LocalWeightBus()
-        self.replicas = ReplicaSet(self.policy)
+        self.replicas = ReplicaSet(self.policy, version)
         self.publisher: WeightPublisher | None = None
         self.sample: SampleLane | RemoteSampleLane
         if p.sample_processes:
-            secret = run_secret(cfg)
+            secret = self.secret
             if p.inference == "samplers":
-                self.publisher = start_publisher(cfg, secret, snapshot(self.policy))
+                self.publisher = start_publisher(cfg, secret, snapshot(self.policy), version)
                 self.bus = FanoutBus(self.bus, [self.publisher])
             self.sample = RemoteSampleLane(
                 cfg,
@@ -154,6 +195,7 @@ class Coordinator:
                 self.rundir.root,
                 secret,
                 self.publisher.address if self.publisher else None,
+                generation,
             )
         else:
             self.sample = SampleLane(
@@ -163,6 +205,9 @@ class Coordinator:
         self.learn = LearnLane(
             self.algorithm, self.policy, self.bus, self.accounting, p, self._on_iteration
         )
+        if self._resume_state is not None:
+            self.learn.iteration = self._resume_state.iteration
+            self.learn.version = version
         local_bus = self.bus.local if isinstance(self.bus, FanoutBus) else self.bus
         self.sync = SyncLane(local_bus, self.replicas, p.lane_timeout_s)
         self._lanes = [
@@ -244,6 +289,8 @@ class Coordinator:
         }
         self.rundir.append_metrics(row)
         log.debug("iteration", **{k: v for k, v in row.items() if not isinstance(v, dict)})
+        if self.checkpoints.due(iteration):
+            self.checkpoints.save_async(checkpointing.capture(self))
         run = self.cfg.run
         if iteration >= run.max_iterations:
             self._request_stop("max_iterations")
@@ -259,7 +306,53 @@ class Coordinator:
     def _request_stop(self, reason: str) -> None:
         if self._stop is not None and not self._stop.is_set():
             self.stop_reason = reason
+            self.state = "draining"
             self._stop.set()
+
+    def request_stop(self, reason: str) -> None:
+        """Drain and stop (POST /stop, SIGTERM, SIGINT); returns at once."""
+        log.info("stop requested", reason=reason)
+        self._request_stop(reason)
+        if self.exit_watchdog:
+            _arm_watchdog(self.cfg.cluster.drain_timeout_s)
+
+    def generation(self) -> int:
+        """Sampler placements made so far (the data cursor a checkpoint keeps)."""
+        if isinstance(self.sample, RemoteSampleLane):
+            return self.sample.cluster.membership.generation
+        return 0
+
+    def status(self) -> dict[str, Any]:
+        """The live picture GET /status serves (and /metrics is rendered from)."""
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        acc = self.accounting
+        out: dict[str, Any] = {
+            "name": self.cfg.name,
+            "state": self.state,
+            "stop_reason": self.stop_reason,
+            "uptime_s": round(wall, 3),
+            "iteration": self.learn.iteration,
+            "policy_version": self.learn.version,
+            "throughput": {
+                "env_steps": acc.env_steps,
+                "env_steps_per_s": round(acc.env_steps / wall, 2),
+                "trajectories_per_s": round(acc.produced / wall, 2),
+            },
+            "success_rate": round(acc.success_rate(), 4),
+            "lanes": self.lane_shares(wall),
+            "accounting": acc.as_dict(),
+            "infer_mean_batch": round(self.infer_mean_batch(), 3),
+            "policy_versions": {"learner": self.learn.version},
+            "checkpoint": self.checkpoints.status(),
+            "resumed": self.resumed,
+            "workers": [],
+            "slots": {"total": 0, "placed": 0, "pending": 0},
+        }
+        if isinstance(self.sample, RemoteSampleLane):
+            out.update(self.sample.cluster.status())
+            out["url"] = self.sample.cluster.url
+            out["policy_versions"]["samplers"] = dict(self.sample.weights_versions)
+        return out
 
     async def _progress(self, stop: asyncio.Event) -> None:
         """Live progress lines and the wall-clock limit."""
@@ -331,6 +424,28 @@ class Coordinator:
             stop.set()
             await progress
 
+    def _install_signals(self) -> list[int]:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+            except (ValueError, RuntimeError, NotImplementedError):
+                continue  # not the main thread (an embedding program): its signals
+            installed.append(sig)
+        return installed
+
+    async def _start_api(self) -> Any:
+        if not self.cfg.cluster.http:
+            return None
+        from dvla.cluster.http import ApiServer
+
+        c = self.cfg.cluster
+        api = ApiServer(self, self.secret.value, c.http_host, c.http_port)
+        self.api_url = await api.start()
+        log.info("HTTP API listening", url=self.api_url)
+        return api
+
     async def _main(self) -> None:
         self._stop = stop = asyncio.Event()
         self._t0 = time.perf_counter()
@@ -340,14 +455,30 @@ class Coordinator:
             mode=self.cfg.pipeline.mode,
             run_dir=str(self.rundir.root),
             envs=self.cfg.pipeline.num_envs,
+            resumed_from=self.resumed["path"] if self.resumed else None,
+            iteration=self.learn.iteration,
         )
+        if self.resumed:
+            log.info("resumed", **self.resumed)
+        signals = self._install_signals()
+        api = await self._start_api()
+        self.state = "running"
         try:
             if self.cfg.pipeline.mode == "async":
                 await self._run_async(stop)
             else:
                 await self._run_sync(stop)
         except BaseExceptionGroup as eg:
+            self.state = "failed"
             raise _first_error(eg) from None
+        finally:
+            if self.state != "failed":
+                self.state = "draining"
+            if api is not None:
+                await api.close(2.0)
+            loop = asyncio.get_running_loop()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     def run(self) -> RunSummary:
         """Run to a stop condition, evaluate, write the summary; blocking."""
@@ -364,9 +495,20 @@ class Coordinator:
             self.accounting.discarded += sum(len(g.trajectories) for g in self.learn.pending)
             self.accounting.discarded += self.sample.in_progress()
             self.learn.pending = []
+            self.checkpoints.wait(self.cfg.cluster.drain_timeout_s)
+            already = self.checkpoints.last_iteration == self.learn.iteration
+            if self.cfg.checkpoint.final and self.stop_reason != "error" and not already:
+                done = self.checkpoints.save(
+                    checkpointing.capture(self), self.cfg.cluster.drain_timeout_s
+                )
+                if not done:
+                    log.error("final checkpoint did not finish within drain_timeout_s")
         self.rundir.save_policy(self.policy.state_dict())
         eval_result = None
-        if self.cfg.run.eval_episodes:
+        # A stop someone asked for (signal, POST /stop) must finish within the drain
+        # timeout, so it skips the final evaluation.
+        asked = self.stop_reason.startswith(("signal", "http"))
+        if self.cfg.run.eval_episodes and not asked:
             sim = self._make_sim(min(self.cfg.run.eval_episodes, 64), self.cfg.seed + 10_000)
             try:
                 eval_result = evaluate(
@@ -394,7 +536,32 @@ class Coordinator:
             staleness={str(k): v for k, v in sorted(self.learn.staleness_seen.items())},
         )
         self.rundir.write_summary(asdict(summary))
+        self.state = "stopped"
         return summary
+
+
+_WATCHDOG: list[threading.Timer] = []
+
+
+def _arm_watchdog(seconds: float) -> None:
+    """End the process if a requested stop has not finished within ``seconds``.
+
+    Every step of a drain has its own timeout, so this fires only if something hangs
+    beyond them; exit code 3 says the stop was not clean.
+    """
+    if _WATCHDOG:
+        return
+
+    def fire() -> None:
+        log.error("stop did not finish within drain_timeout_s; exiting", seconds=seconds)
+        with contextlib.suppress(Exception):
+            logs.close()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    _WATCHDOG.append(timer)
 
 
 def _loop_factory() -> Any:

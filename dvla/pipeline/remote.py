@@ -173,6 +173,7 @@ class RemoteSampleLane:
         url = await self.server.start()
         self.cluster.url = url
         self.cluster.sampler_connections = self.server.connections
+        self.server.refuse_peer = self.cluster.refuse_peer
         log.info("coordinator listening", url=url, slots=self.cfg.pipeline.sample_processes)
         local_stop = asyncio.Event()
         self.local_workers = [

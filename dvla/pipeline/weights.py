@@ -91,11 +91,14 @@ class FanoutBus:
         return await self.local.wait_newer(than, timeout)
 
 
-def start_publisher(cfg: PipelineFile, secret: Secret, initial: StateDict) -> WeightPublisher:
+def start_publisher(
+    cfg: PipelineFile, secret: Secret, initial: StateDict, version: int = 0
+) -> WeightPublisher:
     """The weight plane's publisher for a run, already offering the initial weights.
 
-    Version 0 is the learner's initial policy, so replicas in other processes start
-    from exactly the learner's weights rather than from their own initialisation.
+    Version 0 is the learner's initial policy (a resumed run offers the version it
+    restored), so replicas in other processes start from exactly the learner's weights
+    rather than from their own initialisation.
     """
     from dvla.control.publisher import WeightPublisher
     from dvla.control.topology import detect_topology, load_topology
@@ -104,7 +107,7 @@ def start_publisher(cfg: PipelineFile, secret: Secret, initial: StateDict) -> We
     topology = load_topology(wp.topology) if wp.topology else detect_topology()
     publisher = WeightPublisher(wp, secret, topology=topology)
     publisher.start()
-    publisher.publish(0, initial)
+    publisher.publish(version, initial)
     return publisher
 
 

@@ -84,6 +84,8 @@ class DataPlaneServer:
         self.on_obs = on_obs
         self.on_group = on_group
         self.on_control = on_control
+        #: Says why a data peer may not connect (e.g. its worker was fenced), or None.
+        self.refuse_peer: Callable[[str], str | None] = lambda peer: None
         self.name = name
         self.ledger = ChunkLedger()
         self.listener: endpoints.Listener | None = None
@@ -129,6 +131,11 @@ class DataPlaneServer:
                 conn.protocol.fail(FrameError("unexpected", "this server takes no workers"))
                 return
             await self.on_control(conn)
+            return
+        refusal = self.refuse_peer(conn.peer)
+        if refusal is not None:
+            log.info("data plane peer refused", peer=conn.peer, reason=refusal)
+            await conn.close(refusal, 1.0)
             return
         answers: set[asyncio.Task[None]] = set()
         try:
