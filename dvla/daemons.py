@@ -76,9 +76,9 @@ def coordinator_main(argv: Sequence[str] | None = None) -> int:
             sets += [f"cluster.http_host={host}", f"cluster.http_port={port}"]
         cfg = load_and_check(args.config, sets)
         if not cfg.pipeline.sample_processes:
-            raise ConfigError(
-                f"{args.config}: pipeline.sample_processes is 0, so there is nothing for "
-                "workers to run; set it to the number of sampler processes to place"
+            sys.stderr.write(
+                f"warning: {args.config}: pipeline.sample_processes is 0: the simulators run "
+                "inside the coordinator and workers have nothing to do\n"
             )
         return run_pipeline(cfg, args.config, args.run_dir, resume=args.resume)
     except DvlaError as err:

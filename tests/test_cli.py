@@ -317,11 +317,44 @@ def test_coordinator_daemon_forwards_to_run(
 def test_worker_with_bad_coordinator_exits_2(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert worker_main(["--coordinator", bad]) == 2
     err = capsys.readouterr().err
-    assert error_lines(err) == [f"error: --coordinator {bad!r}: expected HOST:PORT"]
+    assert error_lines(err) == [
+        f"error: --coordinator {bad!r}: expected HOST:PORT, e.g. 10.0.0.1:7400"
+    ]
 
 
-def test_worker_without_data_plane_refuses_plainly(capsys: pytest.CaptureFixture[str]) -> None:
-    assert worker_main(["--coordinator", "localhost:7000", "--name", "w1"]) == 3
+def test_worker_without_a_secret_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DVLA_SECRET", raising=False)
+    assert worker_main(["--coordinator", "localhost:7000", "--name", "w1"]) == 2
     lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1
-    assert "remote workers need the data plane" in lines[0]
+    assert lines == ["error: no shared secret: set DVLA_SECRET to the coordinator's secret"]
+
+
+def test_worker_gives_up_on_a_missing_coordinator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DVLA_SECRET", "some-secret-of-enough-length")
+    code = worker_main(
+        ["--coordinator", "127.0.0.1:9", "--give-up-s", "0.5", "--log-dir", str(tmp_path)]
+    )
+    assert code == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == ["error: no coordinator at tcp://127.0.0.1:9 for 0.5 s"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--local-workers", "-1"], "--local-workers -1: must be 0 or more"),
+        (["--listen", "nowhere"], "--listen 'nowhere': expected HOST:PORT"),
+        (["--resume"], "--resume needs the run directory"),
+    ],
+)
+def test_coordinator_daemon_bad_flags_exit_2(
+    tmp_path: Path, flags: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = REPO / "configs" / "toy-processes.yaml"
+    assert coordinator_main(["--config", str(path), *flags]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and words in lines[0], lines

@@ -135,9 +135,8 @@ def test_dead_and_frozen_workers_are_replaced_and_nothing_is_counted_twice(
     acc = summary["accounting"]
     assert _balanced(acc) and acc["in_flight"] == 0, acc
     assert acc["consumed"] == summary["iterations"] * 8 * 8
-    # The killed worker's samplers had episodes under way (the frozen one's may deliver
-    # them late: then they count as discarded_dead_worker instead).
-    assert acc["episodes_lost"] + acc["discarded_dead_worker"] > 0
+    # Both lost workers' slots ran again elsewhere, each placement a new generation.
+    assert st["generation"] >= 3 + 2
 
 
 def test_a_coordinator_killed_with_sigkill_resumes_from_its_checkpoint(cluster: Cluster) -> None:

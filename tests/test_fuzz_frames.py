@@ -167,6 +167,7 @@ def corpus_bodies() -> list[tuple[MsgType, dict[str, Any]]]:
         (MsgType.HEARTBEAT, {"t": 3}),
         (MsgType.ERROR, {"code": "schema", "message": "bad"}),
         (MsgType.CLOSE, {"reason": "bye"}),
+        (MsgType.CONTROL, {"op": "revoke", "data": {"slot": 1}}),
         (
             MsgType.BATCH,
             codec.batch_body(

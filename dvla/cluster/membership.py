@@ -71,6 +71,12 @@ class WorkerRecord:
         }
 
 
+def split(n: int, parts: int) -> list[int]:
+    """``n`` items in ``parts`` near-equal shares, the larger ones first."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
 def capacity(res: Resources, placement: PlacementConfig) -> int:
     """How many sampler processes fit on a worker with ``res``."""
     fits = [math.inf if placement.processes_per_worker == 0 else placement.processes_per_worker]

@@ -18,31 +18,28 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvla import __version__, logs
 from dvla.cluster import protocol
-from dvla.cluster.membership import DEAD, LEFT, Membership, Slot, WorkerRecord, refusal
+from dvla.cluster.membership import DEAD, LEFT, Membership, Slot, WorkerRecord, refusal, split
 from dvla.cluster.protocol import CLUSTER_PROTOCOL, Resources
 from dvla.config import PipelineFile
-from dvla.pipeline.stats import Accounting
 from dvla.transport.connection import ChannelError, Connection
 from dvla.transport.frames import FrameError, MsgType
 
+if TYPE_CHECKING:
+    from dvla.pipeline.stats import Accounting
+
 log = logs.get(__name__)
-
-
-def _split(n: int, parts: int) -> list[int]:
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def make_slots(cfg: PipelineFile) -> list[Slot]:
     """The run's sampler slots: ``sample_processes`` shares of the env shards."""
     p = cfg.pipeline
-    shards = _split(p.num_envs, p.shards)
+    shards = split(p.num_envs, p.shards)
     slots, first = [], 0
-    for k, count in enumerate(_split(p.shards, p.sample_processes)):
+    for k, count in enumerate(split(p.shards, p.sample_processes)):
         slots.append(Slot(k, shards[first : first + count], first))
         first += count
     return slots

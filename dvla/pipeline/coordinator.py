@@ -9,14 +9,10 @@ after another, as colocated trainers do, so the two modes differ only in overlap
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
-import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +21,18 @@ import torch
 from dvla import logs, registry
 from dvla.backends.base import Algorithm, Policy, Simulator, SimulatorSpec
 from dvla.cluster.checkpoint import CheckpointStore, TrainingState
+from dvla.cluster.membership import split
 from dvla.config import PipelineFile
 from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
-from dvla.errors import DvlaError, LaneError, SimulatorError
+from dvla.errors import DvlaError, SimulatorError
 from dvla.pipeline import checkpointing
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
+from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
@@ -49,43 +47,6 @@ from dvla.pipeline.weights import (
 from dvla.rundir import RunDir
 
 log = logs.get(__name__)
-
-
-@dataclass
-class RunSummary:
-    """What a finished run reports (also written to ``summary.json``)."""
-
-    name: str
-    mode: str
-    run_dir: str
-    stop_reason: str
-    iterations: int
-    policy_version: int
-    env_steps: int
-    wall_s: float
-    env_steps_per_s: float
-    success_rate: float
-    eval: dict[str, Any] | None
-    lanes: dict[str, dict[str, float]]
-    accounting: dict[str, float]
-    infer_mean_batch: float
-    staleness: dict[str, int] = field(default_factory=dict)
-    weight_sync: dict[str, Any] = field(default_factory=dict)
-
-    def line(self) -> str:
-        """The one-line summary printed at the end of a run."""
-        ev = f" eval_success={self.eval['success_rate']:.3f}" if self.eval else ""
-        return (
-            f"done: {self.name} ({self.mode}) stop={self.stop_reason} "
-            f"iterations={self.iterations} env_steps={self.env_steps} "
-            f"steps/s={self.env_steps_per_s:.0f} success={self.success_rate:.3f}{ev} "
-            f"run_dir={self.run_dir}"
-        )
-
-
-def _split(n: int, parts: int) -> list[int]:
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 class Coordinator:
@@ -146,7 +107,7 @@ class Coordinator:
                 spec = probe.spec
                 probe.close()
             else:
-                for i, n in enumerate(_split(p.num_envs, p.shards)):
+                for i, n in enumerate(split(p.num_envs, p.shards)):
                     sims.append(self._make_sim(n, cfg.seed + i))
                 spec = sims[0].spec
             self._build_rest(sims, spec)
@@ -314,7 +275,7 @@ class Coordinator:
         log.info("stop requested", reason=reason)
         self._request_stop(reason)
         if self.exit_watchdog:
-            _arm_watchdog(self.cfg.cluster.drain_timeout_s)
+            arm_watchdog(self.cfg.cluster.drain_timeout_s)
 
     def generation(self) -> int:
         """Sampler placements made so far (the data cursor a checkpoint keeps)."""
@@ -470,7 +431,7 @@ class Coordinator:
                 await self._run_sync(stop)
         except BaseExceptionGroup as eg:
             self.state = "failed"
-            raise _first_error(eg) from None
+            raise first_error(eg) from None
         finally:
             if self.state != "failed":
                 self.state = "draining"
@@ -483,7 +444,7 @@ class Coordinator:
     def run(self) -> RunSummary:
         """Run to a stop condition, evaluate, write the summary; blocking."""
         try:
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 runner.run(self._main())
         finally:
             self.stop_reason = "error" if self.stop_reason == "running" else self.stop_reason
@@ -538,58 +499,3 @@ class Coordinator:
         self.rundir.write_summary(asdict(summary))
         self.state = "stopped"
         return summary
-
-
-_WATCHDOG: list[threading.Timer] = []
-
-
-def _arm_watchdog(seconds: float) -> None:
-    """End the process if a requested stop has not finished within ``seconds``.
-
-    Every step of a drain has its own timeout, so this fires only if something hangs
-    beyond them; exit code 3 says the stop was not clean.
-    """
-    if _WATCHDOG:
-        return
-
-    def fire() -> None:
-        log.error("stop did not finish within drain_timeout_s; exiting", seconds=seconds)
-        with contextlib.suppress(Exception):
-            logs.close()
-        os._exit(3)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    _WATCHDOG.append(timer)
-
-
-def _loop_factory() -> Any:
-    if sys.platform != "win32":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return None
-
-
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    """The error to report from a lane task group: a user-facing one if any."""
-    flat: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            flat.append(e)
-
-    walk(eg)
-    for e in flat:
-        if isinstance(e, DvlaError):
-            return e
-    first = flat[0]
-    if isinstance(first, Exception):
-        err = LaneError(f"a lane failed: {type(first).__name__}: {first}")
-        err.__cause__ = first
-        return err
-    return first
