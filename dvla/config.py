@@ -333,6 +333,11 @@ class ClusterConfig(Strict):
     http: bool = Field(True, description="Serve /healthz, /status, /metrics and POST /stop.")
     http_host: str = Field("127.0.0.1", description="Address of the HTTP API (loopback).")
     http_port: int = Field(0, ge=0, le=65535, description="Port of the HTTP API; 0 picks one.")
+    http_token_env: str | None = Field(
+        None,
+        description="Environment variable with the bearer token POST /stop requires; default: "
+        "the data-plane secret (plain HTTP carries it in the clear: off loopback, set this).",
+    )
     placement: PlacementConfig = Field(default_factory=PlacementConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")

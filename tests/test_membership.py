@@ -128,3 +128,34 @@ def test_slots_cover_every_env_once() -> None:
     assert sum(sum(s.shard_envs) for s in slots) == 10
     assert [s.first_shard for s in slots] == [0, 2, 4]
     assert worker_of("w12.s0.g3.r1") == "w12"
+
+
+def test_only_samplers_of_this_coordinators_live_workers_may_deliver() -> None:
+    from dvla.cluster.server import ClusterServer
+    from dvla.pipeline.stats import Accounting
+
+    cfg = parse_config(
+        {
+            "pipeline": {"num_envs": 4, "shards": 2, "sample_processes": 2},
+            "simulator": {"name": "toy"},
+            "model": {"name": "tiny-vla"},
+            "algorithm": {"name": "grpo"},
+            "optimizer": {"name": "adamw"},
+        }
+    )
+    server = ClusterServer(cfg, 8, Accounting(), None)
+    rec = server.membership.add("a", "h", Resources(2, 4.0, 0))
+    assert rec.id.startswith(f"w{server.session[:4]}-")
+    assert server.refuse_peer(f"{rec.id}.s0.g0.r0") is None
+    # A sampler of the coordinator that ran before a restart has an id this one never gave.
+    other = ClusterServer(cfg, 8, Accounting(), None)
+    stale = other.membership.add("a", "h", Resources(2, 4.0, 0)).id
+    reason = server.refuse_peer(f"{stale}.s0.g0.r0")
+    assert reason is not None and "unknown producer" in reason
+    server.fenced.add(rec.id)
+    reason = server.refuse_peer(f"{rec.id}.s0.g0.r0")
+    assert reason is not None and "declared dead" in reason
+    # What a fenced producer still delivers is counted, never trained on.
+    server.record_fenced_delivery(f"{rec.id}.s0.g0.r0", 8)
+    acc = server.accounting
+    assert acc.produced == acc.discarded_dead_worker == 8 and acc.in_flight() == 0

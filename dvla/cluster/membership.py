@@ -106,8 +106,11 @@ def refusal(res: Resources, placement: PlacementConfig) -> str | None:
 class Membership:
     """Workers, their liveness, and the slots' placement."""
 
-    def __init__(self, cfg: ClusterConfig, slots: list[Slot], generation: int = 0) -> None:
+    def __init__(
+        self, cfg: ClusterConfig, slots: list[Slot], generation: int = 0, id_prefix: str = "w"
+    ) -> None:
         self.cfg = cfg
+        self.id_prefix = id_prefix
         self.slots = slots
         self.workers: dict[str, WorkerRecord] = {}
         #: Placements made so far, across restarts of the coordinator (the data cursor).
@@ -124,7 +127,7 @@ class Membership:
         now = time.monotonic() if now is None else now
         self._next_id += 1
         rec = WorkerRecord(
-            id=f"w{self._next_id}",
+            id=f"{self.id_prefix}{self._next_id}",
             name=name[:48],
             host=host[:64],
             resources=res,

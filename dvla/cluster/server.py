@@ -65,8 +65,12 @@ class ClusterServer:
         self.group_size = group_size
         self.accounting = accounting
         self.weights = weights or ""
-        self.membership = Membership(cfg.cluster, make_slots(cfg), generation)
         self.session = secrets.token_hex(8)
+        # Worker ids carry the session, so producers of an earlier coordinator's workers
+        # never share a name with this one's.
+        self.membership = Membership(
+            cfg.cluster, make_slots(cfg), generation, id_prefix=f"w{self.session[:4]}-"
+        )
         self.url = ""
         self.conns: dict[str, Connection] = {}
         self.fenced: set[str] = set()
@@ -85,9 +89,16 @@ class ClusterServer:
         return worker_of(producer) in self.fenced
 
     def refuse_peer(self, peer: str) -> str | None:
-        """A sampler of a fenced worker that connects late (it was still starting)."""
+        """Sampler processes that must not deliver here.
+
+        A fenced worker's sampler may connect late (it was still starting); a sampler of
+        a previous coordinator (before a restart) may reconnect to this one: neither is
+        running a slot of this coordinator, so neither may feed its learner.
+        """
         if self.is_fenced(peer):
             return f"fenced: worker {worker_of(peer)} was declared dead"
+        if worker_of(peer) not in self.membership.workers:
+            return f"unknown producer {peer!r}: not a sampler of this coordinator's workers"
         return None
 
     def record_delivery(self, producer: str, trajectories: int) -> None:

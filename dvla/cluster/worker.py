@@ -184,6 +184,12 @@ class Worker:
             data["group_size"],
             data["weights"],
         )
+        # Sampler processes read the secret from the variable the pipeline names, which
+        # need not be the one this worker was given it in.
+        self.supervisor.env[cfg.data_plane.secret_env] = self.secret.value.decode()
+        self.reconnect_max_s = cfg.cluster.reconnect_max_s
+        cfg = self._own_addresses(cfg, conn)
+        session.cfg = cfg
         if not data["resumed"] and self.supervisor.procs:
             log.info("new registration; stopping the old one's sampler processes")
             await self.supervisor.stop_all(5.0)
@@ -191,6 +197,24 @@ class Worker:
         self.session = session
         log.info("registered", worker=session.worker_id, resumed=data["resumed"])
         return session
+
+    def _own_addresses(self, cfg: PipelineFile, conn: Connection) -> PipelineFile:
+        """The pipeline as this host's sampler processes must see it.
+
+        The coordinator's ``weight_plane.advertise_host`` names the coordinator; a weight
+        receiver here must advertise an address of this host instead, and the one this
+        worker reaches the coordinator from is known to be routable between the two.
+        """
+        wp = cfg.weight_plane
+        if wp.advertise_host is None:
+            return cfg
+        sock = conn.transport.get_extra_info("sockname")
+        mine = sock[0] if isinstance(sock, tuple) and sock else None
+        if not mine or conn.peer_host == host_id():
+            return cfg  # same host (or a Unix socket): the coordinator's setting holds
+        return cfg.model_copy(
+            update={"weight_plane": wp.model_copy(update={"advertise_host": mine})}
+        )
 
     def _sampler_url(self, served: str) -> str:
         """The coordinator's data-plane URL as this host reaches it.
@@ -246,6 +270,8 @@ class Worker:
                     self.exit_reason = data["reason"]
                     await self.supervisor.stop_all(10.0, graceful=True)
                     return True
+                else:
+                    raise FrameError("unexpected", f"a coordinator does not send {op!r} here")
             # Stopped from this side (SIGTERM): say so, so the slots move at once.
             with contextlib.suppress(ChannelError):
                 await conn.send(MsgType.CONTROL, protocol.message("leaving", reason="stopped"), 2.0)
@@ -279,9 +305,9 @@ class Worker:
         a = self._assigned[slot]
         restarts = self._restarts.get(slot, 0)
         producer = f"{s.worker_id}.s{slot}.g{a['generation']}.r{restarts}"
-        # Group ids: a 32-bit space of its own per (placement, restart), so no two
-        # producers of the run ever hand out the same id.
-        base = ((a["generation"] << 8) | (restarts & 0xFF)) << 32
+        # Group ids: a 2**24 space of its own per (placement, restart), so no two producers
+        # of the run hand out the same id (up to 4096 restarts of one placement).
+        base = (a["generation"] * 4096 + restarts % 4096) << 24
         doc = {
             "config": s.cfg.model_dump(mode="json"),
             "group_size": s.group_size,

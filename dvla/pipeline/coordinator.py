@@ -9,6 +9,7 @@ after another, as colocated trainers do, so the two modes differ only in overlap
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from dvla.cluster.membership import split
 from dvla.config import PipelineFile
 from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
-from dvla.errors import DvlaError, SimulatorError
+from dvla.errors import ConfigError, DvlaError, SimulatorError
 from dvla.pipeline import checkpointing
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
@@ -73,6 +74,7 @@ class Coordinator:
         self.exit_watchdog = exit_watchdog
         self.secret = run_secret(cfg)
         self.api_url = ""
+        self._base = (0, 0)
         ck = cfg.checkpoint
         self.checkpoints = checkpointing.Checkpointer(
             CheckpointStore(Path(ck.dir) if ck.dir else rundir.root / "checkpoints", ck.keep),
@@ -241,7 +243,7 @@ class Coordinator:
             "iteration": iteration,
             "wall_s": round(wall, 4),
             "env_steps": acc.env_steps,
-            "env_steps_per_s": acc.env_steps / max(wall, 1e-9),
+            "env_steps_per_s": (acc.env_steps - self._base[0]) / max(wall, 1e-9),
             "success_rate": acc.success_rate(),
             "accounting": acc.as_dict(),
             "lanes": self.lane_shares(),
@@ -294,10 +296,11 @@ class Coordinator:
             "uptime_s": round(wall, 3),
             "iteration": self.learn.iteration,
             "policy_version": self.learn.version,
+            # Rates over this process's life: a resumed run restores the totals only.
             "throughput": {
                 "env_steps": acc.env_steps,
-                "env_steps_per_s": round(acc.env_steps / wall, 2),
-                "trajectories_per_s": round(acc.produced / wall, 2),
+                "env_steps_per_s": round((acc.env_steps - self._base[0]) / wall, 2),
+                "trajectories_per_s": round((acc.produced - self._base[1]) / wall, 2),
             },
             "success_rate": round(acc.success_rate(), 4),
             "lanes": self.lane_shares(wall),
@@ -402,14 +405,19 @@ class Coordinator:
         from dvla.cluster.http import ApiServer
 
         c = self.cfg.cluster
-        api = ApiServer(self, self.secret.value, c.http_host, c.http_port)
+        token = os.environ.get(c.http_token_env) if c.http_token_env else None
+        if c.http_token_env and not token:
+            raise ConfigError(f"cluster.http_token_env: {c.http_token_env} is not set")
+        api = ApiServer(
+            self, token.encode() if token else self.secret.value, c.http_host, c.http_port
+        )
         self.api_url = await api.start()
-        log.info("HTTP API listening", url=self.api_url)
         return api
 
     async def _main(self) -> None:
         self._stop = stop = asyncio.Event()
         self._t0 = time.perf_counter()
+        self._base = (self.accounting.env_steps, self.accounting.produced)
         log.info(
             "run started",
             name=self.cfg.name,
@@ -487,7 +495,7 @@ class Coordinator:
             policy_version=self.learn.version,
             env_steps=acc.env_steps,
             wall_s=round(wall, 3),
-            env_steps_per_s=acc.env_steps / max(wall, 1e-9),
+            env_steps_per_s=(acc.env_steps - self._base[0]) / max(wall, 1e-9),
             success_rate=acc.success_rate(),
             eval=eval_result,
             lanes=self.lane_shares(wall),
