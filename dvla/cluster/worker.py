@@ -242,8 +242,10 @@ class Worker:
                     msg = await conn.recv(min(interval, 0.25))
                 except TimeoutError:
                     msg = None
-                await self._watch_samplers(conn, s)
                 if msg is None:
+                    # Messages already received come first: a "stop" must not be lost to
+                    # the sampler exits that the coordinator's closing causes.
+                    await self._watch_samplers(conn, s)
                     if conn.closed.is_set():
                         log.warning("control connection lost", reason=conn.close_reason)
                         return False
@@ -272,6 +274,7 @@ class Worker:
                     return True
                 else:
                     raise FrameError("unexpected", f"a coordinator does not send {op!r} here")
+                await self._watch_samplers(conn, s)
             # Stopped from this side (SIGTERM): say so, so the slots move at once.
             with contextlib.suppress(ChannelError):
                 await conn.send(MsgType.CONTROL, protocol.message("leaving", reason="stopped"), 2.0)
@@ -327,13 +330,11 @@ class Worker:
         for sp in self.supervisor.exited():
             code = sp.proc.returncode if sp.proc.returncode is not None else -1
             started = sp.started()
-            await conn.send(
-                MsgType.CONTROL,
-                protocol.message(
-                    "sampler_exit", slot=sp.slot, producer=sp.producer, code=code, started=started
-                ),
-                5.0,
+            body = protocol.message(
+                "sampler_exit", slot=sp.slot, producer=sp.producer, code=code, started=started
             )
+            with contextlib.suppress(ChannelError):  # a lost link is noticed by the caller
+                await conn.send(MsgType.CONTROL, body, 5.0)
             if sp.slot not in self._assigned:
                 continue
             if code == 0:
