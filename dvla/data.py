@@ -56,6 +56,9 @@ class StepBatch:
     reward: np.ndarray  # float32 [B]
     done: np.ndarray  # bool [B]: episode over (success or time limit)
     success: np.ndarray  # bool [B]
+    #: bool [B] or None: the environment's process died or hung; its episode is void
+    #: (the simulator has already replaced the process; the lane restarts the episode).
+    broken: np.ndarray | None = None
 
 
 @dataclass

@@ -1,15 +1,19 @@
-"""Shared test set-up: ``gpu`` tests skip with a reason where no CUDA device is present."""
+"""Shared test set-up: ``gpu`` and ``libero`` tests skip with a reason where they cannot run."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    no_libero = pytest.mark.skip(reason="needs the [libero] extra, which is not installed")
+    has_libero = importlib.util.find_spec("libero") is not None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "libero" in item.keywords and not has_libero:
+            item.add_marker(no_libero)

@@ -10,7 +10,8 @@ import pytest
 from dvla.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+LIBERO = sorted((ROOT / "configs").glob("libero*.yaml"))
+CONFIGS = sorted(set((ROOT / "configs").glob("*.yaml")) - set(LIBERO))
 BENCH_CONFIGS = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
 
 TINY = [
@@ -22,12 +23,35 @@ TINY = [
 ]  # fmt: skip
 
 
-def _run(path: Path, run_dir: Path, *extra: str) -> dict[str, object]:
-    code = main(["run", str(path), "--run-dir", str(run_dir), *TINY, *extra])
+# Real LIBERO environments cost seconds and about 2 GB each: two of them, one task,
+# tiny images and three-step episodes, one learner update.
+LIBERO_TINY = [
+    "--set", "run.max_iterations=1",
+    "--set", "run.eval_episodes=0",
+    "--set", "run.max_wall_seconds=600",
+    "--set", "pipeline.num_envs=2",
+    "--set", "pipeline.shards=1",
+    "--set", "pipeline.sample_processes=1",
+    "--set", "pipeline.groups_per_iteration=1",
+    "--set", "cluster.placement.cpus_per_process=1",
+    "--set", "cluster.placement.memory_gb_per_process=4",
+    "--set", "algorithm.group_size=2",
+    "--set", "simulator.task_ids=[0]",
+    "--set", "simulator.resolution=32",
+    "--set", "simulator.render_quality=fast",
+    "--set", "simulator.max_steps=3",
+    "--set", "simulator.settle_steps=1",
+]  # fmt: skip
+
+
+def _run(
+    path: Path, run_dir: Path, *extra: str, budget: list[str] = TINY, iterations: int = 3
+) -> dict[str, object]:
+    code = main(["run", str(path), "--run-dir", str(run_dir), *budget, *extra])
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == summary["iterations"] == 3
+    assert len(rows) == summary["iterations"] == iterations
     assert (run_dir / "log.jsonl").stat().st_size > 0
     assert (run_dir / "config.yaml").exists()
     return summary
@@ -35,6 +59,19 @@ def _run(path: Path, run_dir: Path, *extra: str) -> dict[str, object]:
 
 def test_configs_exist() -> None:
     assert any(p.name == "toy.yaml" for p in CONFIGS)
+    suites = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+    assert {f"{s}_grpo.yaml" for s in suites} | {"libero_smoke.yaml"} == {p.name for p in LIBERO}
+
+
+@pytest.mark.libero
+@pytest.mark.parametrize("path", LIBERO, ids=lambda p: p.name)
+def test_every_libero_config_runs_with_a_tiny_budget(path: Path, tmp_path: Path) -> None:
+    summary = _run(path, tmp_path / "run", budget=LIBERO_TINY, iterations=1)
+    acc = summary["accounting"]
+    assert isinstance(acc, dict)
+    assert acc["consumed"] == 2 and summary["env_steps"] >= 2
+    assert 0.0 <= summary["success_rate"] <= 1.0  # type: ignore[operator]
+    assert acc["produced"] == acc["consumed"] + acc["dropped_stale"] + acc["discarded"]
 
 
 @pytest.mark.parametrize("path", CONFIGS + BENCH_CONFIGS, ids=lambda p: p.name)

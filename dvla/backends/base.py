@@ -60,6 +60,16 @@ class Simulator(ABC):
     def spec(self) -> SimulatorSpec:
         """Cameras, proprioception, action size, episode limit and tasks."""
 
+    @classmethod
+    def describe(cls, options: Any) -> SimulatorSpec | None:
+        """The spec without starting any environment, where that is cheap; else None.
+
+        The coordinator needs only the spec when simulators run in sampler processes;
+        a backend whose environments are costly (LIBERO: seconds and gigabytes each)
+        answers here instead of being started once just to be asked.
+        """
+        return None
+
     @abstractmethod
     def reset(
         self, env_ids: np.ndarray, task_ids: np.ndarray, init_state_ids: np.ndarray

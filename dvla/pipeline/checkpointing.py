@@ -36,6 +36,7 @@ COUNTERS = (
     "discarded",
     "discarded_dead_worker",
     "episodes_lost",
+    "episodes_broken",
     "env_steps",
     "episodes_success",
 )

@@ -102,7 +102,10 @@ class Coordinator:
         )
         sims: list[Simulator] = []
         try:
-            if p.sample_processes:
+            described = self.sim_cls.describe(self.sim_opts) if p.sample_processes else None
+            if described is not None:
+                spec = described
+            elif p.sample_processes:
                 # Simulators live in sampler processes; one environment here tells the
                 # model the observation and action spec, then goes away.
                 probe = self._make_sim(1, cfg.seed)
@@ -478,7 +481,9 @@ class Coordinator:
         # timeout, so it skips the final evaluation.
         asked = self.stop_reason.startswith(("signal", "http"))
         if self.cfg.run.eval_episodes and not asked:
-            sim = self._make_sim(min(self.cfg.run.eval_episodes, 64), self.cfg.seed + 10_000)
+            # No more evaluation environments than training ones: they can be costly.
+            n = min(self.cfg.run.eval_episodes, self.cfg.pipeline.num_envs, 64)
+            sim = self._make_sim(n, self.cfg.seed + 10_000)
             try:
                 eval_result = evaluate(
                     self.policy, sim, self.cfg.simulator.name, self.cfg.run.eval_episodes

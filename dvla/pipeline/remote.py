@@ -86,6 +86,9 @@ class RemoteSampleLane:
         self.cluster.on_producer_gone = self._producer_gone
         self.local_workers: list[Worker] = []
         self._busy: dict[str, float] = {}
+        self._broken: dict[str, int] = {}
+        # Restored from a checkpoint: what producers of earlier runs reported.
+        self._broken_base = accounting.episodes_broken
 
     def _producer_gone(self, producer: str) -> None:
         self.weights_versions.pop(producer, None)
@@ -105,6 +108,10 @@ class RemoteSampleLane:
         if isinstance(busy, float | int):
             self._busy[producer] = float(busy)
             self.stats.busy_s = sum(self._busy.values())
+        broken = stats.get("episodes_broken")
+        if isinstance(broken, int) and not isinstance(broken, bool):
+            self._broken[producer] = broken
+            self.accounting.episodes_broken = self._broken_base + sum(self._broken.values())
         self._merge_remote(producer, stats)
         self.cluster.record_delivery(producer, n)
         for traj in group.trajectories:

@@ -130,6 +130,8 @@ class EnvShard:
         self.obs: ObsBatch | None = None
         self._seq = 0
         self._max_t = t
+        #: Episodes voided because the simulator broke under them (each was run again).
+        self.broken = 0
 
     @property
     def has_active(self) -> bool:
@@ -181,16 +183,35 @@ class EnvShard:
         assert isinstance(step, StepBatch)
         self.rewards[ids, t] = step.reward
         self.t[ids] = t + 1
-        done = np.asarray(step.done, bool) | (t + 1 >= self._max_t)
+        broken = np.zeros(len(ids), bool) if step.broken is None else np.asarray(step.broken)
+        done = (np.asarray(step.done, bool) | (t + 1 >= self._max_t)) & ~broken
         finished = [
             self._finish(int(i), bool(s))
             for i, s in zip(ids[done], step.success[done], strict=True)
         ]
-        keep = np.flatnonzero(~done)
+        keep = np.flatnonzero(~done & ~broken)
         self.active_ids = ids[keep]
         self.obs = step.obs.select(keep) if len(keep) else None
+        if broken.any():
+            self._restart(ids[broken])
         self.refill()
         return finished, len(ids)
+
+    def _restart(self, ids: np.ndarray) -> None:
+        """Run the episodes of ``ids`` again from their start: same group, task and state.
+
+        Rerunning keeps the group complete (GRPO compares rollouts of one initial state)
+        while nothing from the broken run is kept.
+        """
+        self.broken += len(ids)
+        self.t[ids] = 0
+        eps = [self.episode[int(i)] for i in ids]
+        assert all(e is not None for e in eps)
+        tasks = np.array([e[1] for e in eps if e is not None], np.int64)
+        inits = np.array([e[2] for e in eps if e is not None], np.int64)
+        obs = self._call("reset", lambda: self.sim.reset(ids, tasks, inits))
+        assert isinstance(obs, ObsBatch)
+        self._merge(ids, obs)
 
     def _finish(self, i: int, success: bool) -> Trajectory:
         ep = self.episode[i]
@@ -255,6 +276,7 @@ class SampleLane(Lane):
             assert shard.obs is not None
             act = await request(shard.obs)
             finished, _ = await self.blocking(shard.advance, act)
+            self.accounting.episodes_broken = sum(s.broken for s in self.shards)
             for group in self._collect(finished):
                 await emit(group)
 
@@ -278,6 +300,7 @@ class SampleLane(Lane):
             for shard in active:
                 n = len(shard.active_ids)
                 finished, _ = await self.blocking(shard.advance, act.slice(start, start + n))
+                self.accounting.episodes_broken = sum(s.broken for s in self.shards)
                 start += n
                 out.extend(self._collect(finished))
         return out

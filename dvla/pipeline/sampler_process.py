@@ -82,7 +82,10 @@ async def run(doc: dict[str, Any]) -> None:
     stop = asyncio.Event()
 
     async def emit(group: TrajectoryGroup) -> None:
-        stats: dict[str, Any] = {"busy_s": lane.stats.busy_s}
+        stats: dict[str, Any] = {
+            "busy_s": lane.stats.busy_s,
+            "episodes_broken": lane.accounting.episodes_broken,
+        }
         if local is not None:
             stats.update(local.stats())
         await client.send_group(group, stats, p.lane_timeout_s)

@@ -47,6 +47,8 @@ class Accounting:
     discarded: int = 0
     discarded_dead_worker: int = 0
     episodes_lost: int = 0
+    #: Episodes voided because their simulator process broke, and run again from start.
+    episodes_broken: int = 0
     env_steps: int = 0
     episodes_success: int = 0
     window: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
@@ -77,6 +79,7 @@ class Accounting:
             "discarded": self.discarded,
             "discarded_dead_worker": self.discarded_dead_worker,
             "episodes_lost": self.episodes_lost,
+            "episodes_broken": self.episodes_broken,
             "in_flight": self.in_flight(),
             "env_steps": self.env_steps,
             "success_rate": round(self.success_rate(), 4),
