@@ -217,3 +217,37 @@ def test_the_sample_lane_reruns_an_episode_its_simulator_broke() -> None:
     assert shard.broken == 1 and fake.reset_calls == 2
     assert sorted(t.length for t in finished) == [3, 3]  # the rerun is whole
     assert len({t.group_id for t in finished}) == 1
+
+
+def test_upstream_libero_gets_its_config_in_a_cache_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.machinery
+    import importlib.metadata
+    import os
+
+    import yaml
+
+    def missing(name: str) -> Any:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    pkg = tmp_path / "site" / "libero"
+    (pkg / "libero").mkdir(parents=True)
+    spec = importlib.machinery.ModuleSpec("libero", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(libero_render.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(libero_render.importlib.util, "find_spec", lambda name: spec)
+    try:
+        folder = libero_render.ensure_libero_config()
+        set_to = os.environ.get("LIBERO_CONFIG_PATH")
+    finally:
+        os.environ.pop("LIBERO_CONFIG_PATH", None)  # it was unset (delenv above)
+    assert set_to == folder
+    assert folder == str(tmp_path / "cache" / "dvla" / "libero")
+    paths = yaml.safe_load((tmp_path / "cache" / "dvla" / "libero" / "config.yaml").read_text())
+    assert paths["bddl_files"] == str(pkg / "libero" / "bddl_files")
+    assert set(paths) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
+    assert not (tmp_path / "home").exists()  # nothing written to the user's home

@@ -31,7 +31,11 @@ from pydantic import Field, model_validator
 from dvla import logs
 from dvla.backends.base import Simulator, SimulatorSpec, TaskSpec
 from dvla.backends.simulators.libero_env import EnvDied, EnvProcess
-from dvla.backends.simulators.libero_render import choose_backend, gl_env
+from dvla.backends.simulators.libero_render import (
+    choose_backend,
+    ensure_libero_config,
+    gl_env,
+)
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch, StepBatch
 from dvla.errors import ConfigError, SimulatorError
@@ -107,6 +111,7 @@ def read_suite(o: LiberoOptions) -> tuple[SimulatorSpec, list[int]]:
         SimulatorError: LIBERO is not installed.
         ConfigError: task or initial-state ids outside the suite.
     """
+    ensure_libero_config()
     try:
         from libero.libero import benchmark
     except ImportError as err:
