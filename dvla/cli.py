@@ -1,4 +1,4 @@
-"""The ``dvla`` command: run, validate, list plugins and plan weight sync.
+"""The ``dvla`` command: run, validate, evaluate, list plugins and plan weight sync.
 
 User mistakes (a bad file, an unknown backend, a simulator that raises, a diverging loss)
 end with one ``error:`` line and a non-zero exit, never a traceback; a traceback means a
@@ -101,6 +101,59 @@ def run_pipeline(
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``dvla eval``: greedy success rate of saved weights, per task and in total.
+
+    Scores a run's ``policy.pt``, a training checkpoint or a run directory on the
+    pipeline file's simulator, with the same fixed episodes and seed as a run's final
+    evaluation, so numbers from different checkpoints compare.
+    """
+    import json
+
+    from dvla.data import Trajectory
+    from dvla.pipeline.evaluate import format_table, run_eval
+    from dvla.pipeline.video import EpisodeVideos
+
+    cfg = load_and_check(args.file, args.set)
+    logs.configure(cfg.run.log_level)
+    log = logs.get("dvla.eval")
+    episodes = args.episodes if args.episodes is not None else cfg.run.eval_episodes or 50
+    if episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1, got {episodes}")
+    envs = args.envs if args.envs is not None else min(episodes, cfg.pipeline.num_envs)
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        # Checked now: finding out after an hour of LIBERO episodes would lose them.
+        raise ConfigError(f"--json {args.json}: its directory does not exist")
+    videos = EpisodeVideos(Path(args.video)) if args.video is not None else None
+    done = 0
+
+    def on_episode(traj: Trajectory) -> None:
+        nonlocal done
+        done += 1
+        if videos is not None:
+            videos(traj)
+        log.info(
+            "episode",
+            done=f"{done}/{episodes}",
+            episode=traj.group_id,
+            task=traj.task_id,
+            success=traj.success,
+            steps=traj.length,
+        )
+
+    result = run_eval(cfg, args.file, Path(args.checkpoint), episodes, envs, on_episode)
+    sys.stdout.write(format_table(result))
+    if args.json is not None:
+        doc = {"config": args.file, **result}
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+        except OSError as err:
+            raise ConfigError(f"--json {args.json}: cannot write: {err.strerror}") from None
+    return 0
+
+
 def cmd_plan_sync(args: argparse.Namespace) -> int:
     """``dvla plan-sync``: how long a weight push takes with the replication plan vs flat.
 
@@ -179,7 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val = add("validate", cmd_validate, "Check a pipeline file without running it.")
     val.add_argument("file")
-    for p in (run, val):
+    ev = add("eval", cmd_eval, "Greedy success rate of saved policy weights, per task.")
+    ev.add_argument("file", help="Pipeline YAML file the weights were trained with.")
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="A run's policy.pt, a checkpoints/ckpt-*.pt file, or a run directory.",
+    )
+    ev.add_argument(
+        "--episodes",
+        type=int,
+        metavar="N",
+        help="Episodes to run; episode k is task k mod T (default run.eval_episodes or 50).",
+    )
+    ev.add_argument(
+        "--envs",
+        type=int,
+        metavar="N",
+        help="Environments run in parallel (default min(episodes, pipeline.num_envs)).",
+    )
+    ev.add_argument("--json", metavar="FILE", help="Also write the result as JSON here.")
+    ev.add_argument(
+        "--video",
+        metavar="DIR",
+        help="Write one video per episode here, cameras side by side (needs OpenCV).",
+    )
+    for p in (run, val, ev):
         p.add_argument(
             "--set",
             action="append",

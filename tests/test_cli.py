@@ -165,7 +165,9 @@ def test_unknown_backend_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     path.write_text(text, encoding="utf-8")
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert error_lines(err) == ["error: dvla.simulators: no backend named 'nope' (installed: toy)"]
+    assert error_lines(err) == [
+        "error: dvla.simulators: no backend named 'nope' (installed: libero, toy)"
+    ]
     assert "Traceback" not in err
 
 

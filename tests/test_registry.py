@@ -71,7 +71,7 @@ def test_unknown_name_is_one_line_naming_group_name_and_installed() -> None:
         registry.resolve("simulator", "libero-typo")
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg == "dvla.simulators: no backend named 'libero-typo' (installed: toy)"
+    assert msg == "dvla.simulators: no backend named 'libero-typo' (installed: libero, toy)"
 
 
 def test_unknown_name_in_empty_group(monkeypatch: pytest.MonkeyPatch) -> None:
