@@ -8,6 +8,7 @@ bug in dvla, and ``--debug`` shows it for any error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,16 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. run.max_iterations=10")
         out[key] = yaml.safe_load(raw)
     return out
+
+
+def write_json(path: str, doc: Any) -> None:
+    """``--json FILE``: write ``doc``, or fail with one line."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+    except OSError as err:
+        raise ConfigError(f"--json {path}: cannot write: {err.strerror}") from None
 
 
 def load_and_check(path: str, sets: Sequence[str] = ()) -> PipelineFile:
@@ -108,8 +119,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipeline file's simulator, with the same fixed episodes and seed as a run's final
     evaluation, so numbers from different checkpoints compare.
     """
-    import json
-
     from dvla.data import Trajectory
     from dvla.pipeline.evaluate import format_table, run_eval
     from dvla.pipeline.video import EpisodeVideos
@@ -144,13 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(cfg, args.file, Path(args.checkpoint), episodes, envs, on_episode)
     sys.stdout.write(format_table(result))
     if args.json is not None:
-        doc = {"config": args.file, **result}
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
-        except OSError as err:
-            raise ConfigError(f"--json {args.json}: cannot write: {err.strerror}") from None
+        write_json(args.json, {"config": args.file, **result})
     return 0
 
 
@@ -160,8 +163,6 @@ def cmd_plan_sync(args: argparse.Namespace) -> int:
     Answers "how far from the best possible is our plan, and how bad would a flat broadcast
     be" for a cluster shape before it is rented; no GPU or network is touched.
     """
-    import json
-
     from dvla.control.costmodel import format_size, format_sweep, parse_size, sweep
     from dvla.control.topology import detect_topology, load_topology
 
@@ -196,13 +197,10 @@ def cmd_plan_sync(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(format_sweep(rows))
     if args.json is not None:
-        doc = {"topology": topology.model_dump(), "model_bytes": model_bytes, "rows": rows}
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
-        except OSError as err:
-            raise ConfigError(f"--json {args.json}: cannot write: {err.strerror}") from None
+        write_json(
+            args.json,
+            {"topology": topology.model_dump(), "model_bytes": model_bytes, "rows": rows},
+        )
     return 0
 
 

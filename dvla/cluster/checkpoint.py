@@ -327,8 +327,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _load_failure(exc: Exception) -> str:
-    """Boil a torch.load failure down to one line; its own messages span paragraphs."""
+def load_error_line(exc: BaseException) -> str:
+    """Boil a torch.load failure down to one line; its own messages span paragraphs.
+
+    The paragraphs before a weights-only refusal advise ``weights_only=False``, which
+    dvla never does, so only the refusal's reason is kept.
+    """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     marker = "WeightsUnpickler error:"
     if marker in text:
@@ -339,8 +343,12 @@ def _load_failure(exc: Exception) -> str:
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     if isinstance(exc, EOFError) and not first:
         first = "file is empty or truncated"
-    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return _clip(f"cannot decode it ({detail})")
+    return _clip(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
+def _load_failure(exc: Exception) -> str:
+    line = load_error_line(exc)
+    return line if line.startswith("refused") else _clip(f"cannot decode it ({line})")
 
 
 def _clip(text: str, limit: int = 240) -> str:

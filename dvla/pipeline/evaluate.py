@@ -8,7 +8,6 @@ so a number from one can be checked against the other.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from dvla import logs, registry
 from dvla.backends.base import Policy, Simulator
-from dvla.cluster.checkpoint import FORMAT, CheckpointError, CheckpointStore
+from dvla.cluster.checkpoint import FORMAT, CheckpointError, CheckpointStore, load_error_line
 from dvla.config import PipelineFile
 from dvla.data import ActionBatch, Trajectory
 from dvla.errors import ConfigError, DvlaError, SimulatorError
@@ -147,8 +146,9 @@ def read_weights(path: Path) -> tuple[Path, Mapping[str, torch.Tensor]]:
     except OSError as err:
         raise ConfigError(f"--checkpoint {path}: cannot read it ({err.strerror or err})") from None
     except Exception as err:
+        why = load_error_line(err)
         raise ConfigError(
-            f"--checkpoint {path}: not a policy state dict or dvla checkpoint ({_first_line(err)})"
+            f"--checkpoint {path}: not a policy state dict or dvla checkpoint ({why})"
         ) from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         try:
@@ -199,7 +199,7 @@ def load_weights(
     try:
         policy.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ConfigError(f"{what}: {_first_line(err)}") from None
+        raise ConfigError(f"{what}: {load_error_line(err)}") from None
 
 
 def run_eval(
@@ -289,16 +289,3 @@ def _start_sim(sim_cls: Any, options: Any, name: str, num_envs: int, seed: int) 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(err: BaseException) -> str:
-    """One line of an exception whose message may span paragraphs (torch's do)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        # The paragraphs before it advise loading with weights_only=False: never here.
-        rest = text.split(marker, 1)[1]
-        detail = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
-        return _clip(f"refused by weights-only loading: {detail.split(' Please use', 1)[0]}", 240)
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return _clip(f"{type(err).__name__}: {first}" if first else type(err).__name__, 240)
