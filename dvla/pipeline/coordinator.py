@@ -26,7 +26,7 @@ from dvla.cluster.membership import split
 from dvla.config import PipelineFile
 from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
-from dvla.errors import ConfigError, DvlaError, SimulatorError
+from dvla.errors import ConfigError, DvlaError
 from dvla.pipeline import checkpointing
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.infer import InferLane
@@ -34,7 +34,7 @@ from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
-from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane
+from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane, start_simulator
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
 from dvla.pipeline.weights import (
@@ -184,16 +184,7 @@ class Coordinator:
         ]
 
     def _make_sim(self, num_envs: int, seed: int) -> Simulator:
-        try:
-            sim: Simulator = self.sim_cls(self.sim_opts, num_envs, seed)
-        except DvlaError:
-            raise
-        except Exception as err:
-            raise SimulatorError(
-                f"simulator '{self.cfg.simulator.name}' failed to start: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        return sim
+        return start_simulator(self.sim_cls, self.sim_opts, self.cfg.simulator.name, num_envs, seed)
 
     # ----------------------------------------------------------------- reporting
     def lane_shares(self, wall: float | None = None) -> dict[str, dict[str, float]]:

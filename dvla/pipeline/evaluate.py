@@ -20,8 +20,8 @@ from dvla.backends.base import Policy, Simulator
 from dvla.cluster.checkpoint import FORMAT, CheckpointError, CheckpointStore, load_error_line
 from dvla.config import PipelineFile
 from dvla.data import ActionBatch, Trajectory
-from dvla.errors import ConfigError, DvlaError, SimulatorError
-from dvla.pipeline.sample import EnvShard, EpisodeSource
+from dvla.errors import ConfigError
+from dvla.pipeline.sample import EnvShard, EpisodeSource, start_simulator
 
 log = logs.get(__name__)
 
@@ -231,7 +231,7 @@ def run_eval(
     path, state = read_weights(checkpoint)
     sim_cls, sim_opts = registry.build_options("simulator", cfg.simulator, source)
     model_cls, model_opts = registry.build_options("model", cfg.model, source)
-    sim = _start_sim(sim_cls, sim_opts, cfg.simulator.name, envs, cfg.seed + EVAL_SEED_OFFSET)
+    sim = start_simulator(sim_cls, sim_opts, cfg.simulator.name, envs, cfg.seed + EVAL_SEED_OFFSET)
     try:
         policy: Policy = model_cls(model_opts, sim.spec)
         load_weights(policy, state, path, cfg.model.name)
@@ -272,19 +272,6 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"{result['success_rate']:>6.1%}"
     )
     return "\n".join(lines) + "\n"
-
-
-def _start_sim(sim_cls: Any, options: Any, name: str, num_envs: int, seed: int) -> Simulator:
-    # As the coordinator does: a backend's own exception becomes one line naming it.
-    try:
-        sim: Simulator = sim_cls(options, num_envs, seed)
-    except DvlaError:
-        raise
-    except Exception as err:
-        raise SimulatorError(
-            f"simulator '{name}' failed to start: {type(err).__name__}: {err}"
-        ) from err
-    return sim
 
 
 def _clip(text: str, limit: int) -> str:

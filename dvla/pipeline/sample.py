@@ -14,16 +14,35 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
 from dvla.backends.base import Simulator
 from dvla.data import ActionBatch, ObsBatch, StepBatch, Trajectory, TrajectoryGroup
-from dvla.errors import SimulatorError
+from dvla.errors import DvlaError, SimulatorError
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.stats import Accounting
 
 Episode = tuple[int, int, int]  # (group id, task id, initial-state id)
+
+
+def start_simulator(
+    sim_cls: type[Simulator], options: Any, name: str, num_envs: int, seed: int
+) -> Simulator:
+    """Start a simulator; a backend's own exception becomes one line naming the backend.
+
+    Raises:
+        SimulatorError: the backend raised something other than a dvla error.
+    """
+    try:
+        return sim_cls(options, num_envs, seed)
+    except DvlaError:
+        raise
+    except Exception as err:
+        raise SimulatorError(
+            f"simulator '{name}' failed to start: {type(err).__name__}: {err}"
+        ) from err
 
 
 class EpisodeSource:

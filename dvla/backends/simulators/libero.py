@@ -202,7 +202,7 @@ class LiberoSimulator(Simulator):
     def spec(self) -> SimulatorSpec:
         return self._spec
 
-    def _init_state(self, task: int, init: int) -> int:
+    def _init_state(self, init: int) -> int:
         ids = self.opts.init_state_ids
         return ids[init] if ids is not None else init
 
@@ -216,7 +216,7 @@ class LiberoSimulator(Simulator):
         log.warning("libero environment process replaced", env=i, reason=why, last_line=tail)
         self.procs[i] = self._spawn(i)
 
-    def _obs(self, outs: list[dict[str, Any] | None]) -> ObsBatch:
+    def _obs(self, ids: list[int], outs: list[dict[str, Any] | None]) -> ObsBatch:
         res, spec = self.opts.resolution, self._spec
         images: dict[str, np.ndarray] = {
             cam: np.stack(
@@ -225,7 +225,8 @@ class LiberoSimulator(Simulator):
             for cam in self.opts.cameras
         }
         proprio = np.stack([o["proprio"] if o else np.zeros(9, np.float32) for o in outs])
-        instr = [spec.tasks[ep[0]].instruction if ep else "" for ep in self._eps]
+        eps = [self._episode[i] for i in ids]
+        instr = [spec.tasks[ep[0]].instruction if ep else "" for ep in eps]
         return ObsBatch(images=images, proprio=proprio.astype(np.float32), instructions=instr)
 
     def reset(
@@ -236,28 +237,36 @@ class LiberoSimulator(Simulator):
             self._episode[i] = (int(task), int(init))
         outs = self._all(ids, "reset", retry=True)
         self._t[ids] = 0
-        self._eps = [self._episode[i] for i in ids]
-        return self._obs(outs)
+        return self._obs(ids, outs)
 
-    def _send(self, i: int, cmd: str) -> None:
+    def _send(self, i: int, cmd: str, actions: dict[int, np.ndarray] | None) -> None:
         proc = self.procs[i]
         assert proc is not None
         ep = self._episode[i]
         assert ep is not None
-        if cmd == "reset":
+        if actions is None:
             task, init = ep
-            proc.send("reset", task=self._tasks[task], init=self._init_state(task, init))
+            proc.send(cmd, task=self._tasks[task], init=self._init_state(init))
         else:
-            proc.send("step", action=self._actions[i])
+            proc.send(cmd, action=actions[i])
 
-    def _all(self, ids: list[int], cmd: str, retry: bool) -> list[dict[str, Any] | None]:
-        """Run ``cmd`` in every process of ``ids`` at once; None where one broke."""
+    def _all(
+        self,
+        ids: list[int],
+        cmd: str,
+        retry: bool,
+        actions: dict[int, np.ndarray] | None = None,
+    ) -> list[dict[str, Any] | None]:
+        """Run ``cmd`` in every process of ``ids`` at once; None where one broke.
+
+        A reset when ``actions`` is None, else a step with each environment's action.
+        """
         timeout = self.opts.step_timeout_s * (4 if cmd == "reset" else 1)
         outs: list[dict[str, Any] | None] = []
         sent: dict[int, str | None] = {}
         for i in ids:
             try:
-                self._send(i, cmd)
+                self._send(i, cmd, actions)
                 sent[i] = None
             except EnvDied as err:
                 sent[i] = str(err)
@@ -278,7 +287,7 @@ class LiberoSimulator(Simulator):
             again = self.procs[i]
             assert again is not None
             try:
-                self._send(i, cmd)
+                self._send(i, cmd, actions)
                 outs.append(again.result(timeout))
             except EnvDied as e:
                 raise SimulatorError(f"libero environment {i}: {cmd} failed twice: {e}") from None
@@ -286,16 +295,15 @@ class LiberoSimulator(Simulator):
 
     def step(self, env_ids: np.ndarray, actions: np.ndarray) -> StepBatch:
         ids = [int(i) for i in env_ids]
-        self._actions = {i: actions[k] for k, i in enumerate(ids)}
-        outs = self._all(ids, "step", retry=False)
+        by_env = {i: actions[k] for k, i in enumerate(ids)}
+        outs = self._all(ids, "step", retry=False, actions=by_env)
         self._t[ids] += 1
-        self._eps = [self._episode[i] for i in ids]
         broken = np.array([o is None for o in outs], bool)
         success = np.array([bool(o and o["success"]) for o in outs], bool)
         reward = np.array([o["reward"] if o else 0.0 for o in outs], np.float32)
         limit = self._t[ids] >= self._spec.max_episode_steps
         return StepBatch(
-            obs=self._obs(outs),
+            obs=self._obs(ids, outs),
             reward=reward,
             done=success | limit | broken,
             success=success,

@@ -175,7 +175,6 @@ class _Child:
         self.suite = benchmark.get_benchmark_dict()[cfg["suite"]]()
         self.env: Any = None
         self.task = -1
-        self.t = 0
         self.init_states: dict[int, Any] = {}
 
     def _make(self, task: int) -> None:
@@ -222,7 +221,6 @@ class _Child:
         # published LIBERO evaluations.
         for _ in range(int(self.cfg["settle_steps"])):
             raw, _, _, _ = self.env.step(_NOOP)
-        self.t = 0
         return self._obs(raw)
 
     def step(self, action: np.ndarray) -> dict[str, Any]:
@@ -233,7 +231,6 @@ class _Child:
             success = bool(self.env.check_success())
             if success:
                 break
-        self.t += 1
         return {**self._obs(raw), "reward": float(success), "success": success}
 
 
