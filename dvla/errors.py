@@ -27,6 +27,12 @@ class PluginError(DvlaError):
     exit_code = 2
 
 
+class ModelError(DvlaError):
+    """A model backend cannot load its weights or files (missing, corrupt, wrong kind)."""
+
+    exit_code = 2
+
+
 class SimulatorError(DvlaError):
     """A simulator backend raised while creating, resetting or stepping an environment."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch, StepBatch, TrajectoryGroup
+from dvla.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,37 @@ class Policy(nn.Module, ABC):
 
     @abstractmethod
     def evaluate(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> PolicyOutput:
-        """Log-probabilities and entropy of ``tokens`` under the current weights."""
+        """Log-probabilities and entropy of ``tokens`` under the current weights.
+
+        ``values`` is filled once :meth:`enable_value_head` has been called.
+        """
+
+    def enable_value_head(self) -> None:
+        """Add a state-value head, for actor-critic algorithms (``Algorithm.needs_values``).
+
+        Called once, before the optimizer is built and before any weights are loaded, so
+        every replica and checkpoint of the run has the same parameters. Models without
+        one refuse, which turns a PPO run on such a model into a one-line error.
+
+        Raises:
+            ConfigError: this model cannot predict values.
+        """
+        raise ConfigError(
+            f"model '{type(self).__name__}' has no value head, which the algorithm needs"
+        )
+
+    def save_pretrained(self, directory: Path) -> list[str]:
+        """Write files beside the exported weights that tools outside dvla need.
+
+        :func:`dvla.pipeline.export.export_policy` always writes ``model.safetensors``
+        and ``dvla-policy.json``; a backend wrapping a library model adds that library's
+        own format here (a transformers backend: ``save_pretrained`` of the model and
+        its processor), so the export loads there as well as in dvla.
+
+        Returns:
+            The names of the files or directories written (relative to ``directory``).
+        """
+        return []
 
 
 class OptimizerFactory(ABC):
@@ -149,6 +181,8 @@ class Algorithm(ABC):
     """Turns groups of trajectories into one optimizer step (or several epochs of them)."""
 
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    #: Actor-critic algorithms set this: the policy gets a value head before training.
+    needs_values: ClassVar[bool] = False
 
     def __init__(self, options: Any, policy: Policy, optimizer: torch.optim.Optimizer) -> None:
         self.options = options

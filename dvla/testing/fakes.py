@@ -203,6 +203,7 @@ class FakePolicy(TokenPolicy):
         o: FakePolicyOptions = options
         self.o = o
         self.action_dim = spec.action_dim
+        self.feature_dim = spec.proprio_dim
         self.actions = ActionTokenizer(o.action_bins)
         self.linear = nn.Linear(spec.proprio_dim, spec.action_dim * o.action_bins)
         gen = torch.Generator().manual_seed(o.init_seed)
@@ -218,21 +219,23 @@ class FakePolicy(TokenPolicy):
         proprio = np.ascontiguousarray(obs.proprio, dtype=np.float32)
         return {"proprio": torch.from_numpy(proprio)}
 
-    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Compute token logits ``[B, action_dim, action_bins]``.
+    def forward_heads(
+        self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token logits ``[B, action_dim, action_bins]`` and the proprioception as features.
 
         Args:
             inputs: the output of :meth:`prepare`.
+            tokens: unused (the dimensions are independent).
 
         Returns:
-            The logits; all NaN when the ``nan_logits`` option is set.
-
+            The logits (all NaN when the ``nan_logits`` option is set) and the features.
         """
         x = inputs["proprio"]
         out: torch.Tensor = self.linear(x).view(x.shape[0], self.action_dim, self.o.action_bins)
         if self.o.nan_logits:
             out = out + float("nan")
-        return out
+        return out, x
 
 
 def make_obs(

@@ -23,6 +23,11 @@ import torch
 from pydantic import Field
 
 from dvla.backends.algorithms.batching import flatten
+from dvla.backends.algorithms.correction import (
+    correction_metrics,
+    importance_weights,
+    staleness_metrics,
+)
 from dvla.backends.base import Algorithm, Policy
 from dvla.config import BackendOptions
 from dvla.data import Trajectory, TrajectoryGroup
@@ -119,10 +124,7 @@ class GRPO(Algorithm):
         with torch.no_grad():
             prox = self.policy.evaluate(inputs, tokens).logprobs
             ref = self.reference.evaluate(inputs, tokens).logprobs if self.reference else None
-        if importance_correction:
-            weights = torch.exp(prox - behaviour).clamp(max=o.is_cap)
-        else:
-            weights = torch.ones_like(prox)
+        weights = importance_weights(prox, behaviour, o.is_cap, importance_correction)
         n = tokens.shape[0]
         mb = o.minibatch_steps or n
         stats: dict[str, list[float]] = {
@@ -167,13 +169,9 @@ class GRPO(Algorithm):
                 stats["clip_frac"].append(((ratio - 1).abs() > o.clip_eps).float().mean().item())
                 stats["grad_norm"].append(float(gn))
         self.policy.eval()
-        w = weights.flatten().double()
         metrics.update({k: float(np.mean(v)) for k, v in stats.items()})
         metrics["updated"] = 1.0
-        metrics["is_weight_mean"] = float(w.mean())
-        metrics["ess"] = float(w.sum() ** 2 / (w.pow(2).sum() * w.numel()))
-        staleness = learner_version - flat.versions
-        metrics["staleness_mean"] = float(staleness.mean())
-        metrics["staleness_max"] = float(staleness.max())
+        metrics.update(correction_metrics(weights))
+        metrics.update(staleness_metrics(learner_version, flat.versions))
         metrics["train_steps"] = float(n)
         return metrics

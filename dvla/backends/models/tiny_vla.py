@@ -76,6 +76,7 @@ class TinyVLA(TokenPolicy):
             )
         self.action_dim = spec.action_dim
         self.temperature = o.temperature
+        self.feature_dim = o.hidden
         self.actions = ActionTokenizer(o.action_bins)
         self.words = HashedWordTokenizer(o.vocab_size, o.max_instruction_words)
         c1, c2 = o.channels
@@ -120,8 +121,10 @@ class TinyVLA(TokenPolicy):
             "instruction": torch.from_numpy(self.words.encode(obs.instructions)),
         }
 
-    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token logits ``[B, D, bins]``."""
+    def forward_heads(
+        self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token logits ``[B, D, bins]`` and the fused features; ``tokens`` is not needed."""
         img = inputs["image"].permute(0, 3, 1, 2).float().div_(255.0)
         b, _, h, w = img.shape
         dev = img.device
@@ -152,15 +155,15 @@ class TinyVLA(TokenPolicy):
         grid = torch.stack([gx.flatten(), gy.flatten()])  # [2, P]
         where = torch.einsum("bhp,kp->bhk", att, grid).flatten(1)
         feats = torch.cat([where, x.mean((2, 3)), inputs["proprio"], text], dim=1)
-        out = self.head(self.mlp(feats))
+        hidden = self.mlp(feats)
+        out = self.head(hidden)
         d, nb = self.action_dim, self.o.action_bins
         if self.o.head == "linear":
-            logits: torch.Tensor = out.view(b, d, nb)
-            return logits
+            return out.view(b, d, nb), hidden
         mean = torch.tanh(out).view(b, d)
         log_std = self.log_std.view(1, d) * self.o.std_lr_scale
         # Bounded: an unbounded std can run off to a flat distribution that no longer
         # passes gradient to the mean.
         std = log_std.exp().clamp(self.o.min_std, self.o.max_std).expand(b, d)
         z = (self.bin_centers.view(1, 1, nb) - mean.unsqueeze(-1)) / std.unsqueeze(-1)
-        return -0.5 * z * z
+        return -0.5 * z * z, hidden

@@ -14,6 +14,7 @@ from abc import abstractmethod
 
 import numpy as np
 import torch
+from torch import nn
 
 from dvla.backends.base import Policy, PolicyOutput
 
@@ -77,20 +78,47 @@ class HashedWordTokenizer:
 class TokenPolicy(Policy):
     """A policy whose head gives logits over action tokens; acting and scoring follow.
 
-    Subclasses set ``self.actions`` (an :class:`ActionTokenizer`) and implement
-    :meth:`logits`; sampling, greedy decoding, log-probabilities and entropy are the same
-    for every such model, so they live here once.
+    Subclasses set ``self.actions`` (an :class:`ActionTokenizer`) and ``feature_dim``,
+    and implement :meth:`forward_heads`; sampling, greedy decoding, log-probabilities,
+    entropy and the optional value head are the same for every such model, so they live
+    here once. A model whose token logits depend on the tokens before them (an
+    autoregressive language-model head) overrides :meth:`act` as well.
     """
 
     actions: ActionTokenizer
     temperature: float = 1.0
+    #: Width of the features :meth:`forward_heads` returns (the value head's input).
+    feature_dim: int = 0
+    value_head: nn.Linear | None = None
 
     @abstractmethod
-    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token logits ``[B, D, bins]``."""
+    def forward_heads(
+        self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token logits ``[B, D, bins]`` and features ``[B, feature_dim]``.
 
-    def _log_probs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.log_softmax(self.logits(inputs) / self.temperature, dim=-1)
+        Args:
+            inputs: what :meth:`prepare` returned.
+            tokens: the taken tokens ``[B, D]`` when scoring them (teacher forcing for
+                autoregressive heads); None when acting.
+        """
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token logits ``[B, D, bins]`` of a model whose dimensions are independent."""
+        return self.forward_heads(inputs, None)[0]
+
+    def enable_value_head(self) -> None:
+        if self.value_head is not None:
+            return
+        if self.feature_dim <= 0:
+            super().enable_value_head()
+        head = nn.Linear(self.feature_dim, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            head = head.to(device=ref.device)
+        self.value_head = head
 
     @torch.no_grad()
     def act(
@@ -100,19 +128,37 @@ class TokenPolicy(Policy):
         deterministic: bool = False,
         generator: torch.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logp_all = self._log_probs(inputs)
-        if deterministic:
-            tokens = logp_all.argmax(-1)
-        else:
-            b, d, nb = logp_all.shape
-            flat = logp_all.exp().view(b * d, nb).nan_to_num(nan=1.0, posinf=1.0)
-            tokens = torch.multinomial(flat, 1, generator=generator).view(b, d)
+        logp_all = torch.log_softmax(self.logits(inputs).float() / self.temperature, dim=-1)
+        tokens = sample_tokens(logp_all, deterministic, generator)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         tokens, logp = tokens.cpu(), logp.cpu()
         return self.actions.decode(tokens), tokens.numpy(), logp.numpy().astype(np.float32)
 
     def evaluate(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> PolicyOutput:
-        logp_all = self._log_probs(inputs)
+        logits, features = self.forward_heads(inputs, tokens)
+        logp_all = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return PolicyOutput(logprobs=logp, entropy=entropy)
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(features.to(self.value_head.weight.dtype)).squeeze(-1)
+            values = values.float()
+        return PolicyOutput(logprobs=logp, entropy=entropy, values=values)
+
+
+def sample_tokens(
+    logp_all: torch.Tensor, deterministic: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per ``[..., bins]`` row of log-probabilities: sampled, or the most likely."""
+    if deterministic:
+        return logp_all.argmax(-1)
+    nb = logp_all.shape[-1]
+    flat = logp_all.exp().reshape(-1, nb).nan_to_num(nan=1.0, posinf=1.0)
+    if generator is not None and generator.device != flat.device:
+        flat_cpu = flat.cpu()
+        return (
+            torch.multinomial(flat_cpu, 1, generator=generator)
+            .view(logp_all.shape[:-1])
+            .to(logp_all.device)
+        )
+    return torch.multinomial(flat, 1, generator=generator).view(logp_all.shape[:-1])
