@@ -1,4 +1,4 @@
-"""Shared test set-up: ``gpu``, ``libero`` and ``hf`` tests skip with a reason where they cannot run."""
+"""Shared test set-up: ``gpu``, ``libero`` and ``hf`` tests skip with a reason where unusable."""
 
 from __future__ import annotations
 

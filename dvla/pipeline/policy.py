@@ -64,6 +64,7 @@ def build_policy(cfg: PipelineFile, spec: SimulatorSpec, source: str = "<config>
 
 
 def spec_to_json(spec: SimulatorSpec) -> dict[str, Any]:
+    """The spec as JSON-able data, so an export can rebuild the model without a simulator."""
     return asdict(spec)
 
 
@@ -120,6 +121,7 @@ def export_policy(policy: Policy, cfg: PipelineFile, directory: Path, version: i
 
 
 def is_export(path: Path) -> bool:
+    """Whether ``path`` is a directory :func:`export_policy` wrote."""
     return path.is_dir() and (path / META_FILE).is_file()
 
 
