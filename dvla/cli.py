@@ -157,6 +157,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``dvla export``: saved weights as a self-contained policy directory.
+
+    The directory holds ``model.safetensors`` and ``dvla-policy.json`` (plus the model
+    backend's own format, e.g. a transformers model directory), which ``dvla eval``
+    and the model backend load, and tools outside dvla read without unpickling anything.
+    """
+    from dvla.pipeline.evaluate import load_weights, read_weights
+    from dvla.pipeline.policy import build_policy, export_policy
+    from dvla.pipeline.sample import start_simulator
+
+    cfg = load_and_check(args.file, args.set)
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its parent directory does not exist")
+    path, state = read_weights(Path(args.checkpoint))
+    sim_cls, sim_opts = registry.build_options("simulator", cfg.simulator, args.file)
+    spec = sim_cls.describe(sim_opts)
+    if spec is None:
+        sim = start_simulator(sim_cls, sim_opts, cfg.simulator.name, 1, cfg.seed)
+        spec = sim.spec
+        sim.close()
+    policy = build_policy(cfg, spec, args.file)
+    load_weights(policy, state, path, cfg.model.name)
+    export_policy(policy, cfg, out, args.policy_version)
+    sys.stdout.write(f"exported {path} -> {out}\n")
+    return 0
+
+
 def cmd_plan_sync(args: argparse.Namespace) -> int:
     """``dvla plan-sync``: how long a weight push takes with the replication plan vs flat.
 
@@ -236,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="PATH",
-        help="A run's policy.pt, a checkpoints/ckpt-*.pt file, or a run directory.",
+        help="A run's policy.pt or policy/ export, a checkpoints/ckpt-*.pt file, or a run "
+        "directory.",
     )
     ev.add_argument(
         "--episodes",
@@ -256,7 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="Write one video per episode here, cameras side by side (needs OpenCV).",
     )
-    for p in (run, val, ev):
+    ex = add(
+        "export",
+        cmd_export,
+        "Write saved weights as a policy directory: model.safetensors, dvla-policy.json and "
+        "the model backend's own format.",
+    )
+    ex.add_argument("file", help="Pipeline YAML file the weights were trained with.")
+    ex.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="A run's policy.pt, a checkpoints/ckpt-*.pt file, or a run directory.",
+    )
+    ex.add_argument("--out", required=True, metavar="DIR", help="Directory to write (replaced).")
+    ex.add_argument(
+        "--policy-version",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="Policy version recorded in dvla-policy.json (default -1: unknown).",
+    )
+    for p in (run, val, ev, ex):
         p.add_argument(
             "--set",
             action="append",

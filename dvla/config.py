@@ -104,6 +104,14 @@ class PipelineConfig(Strict):
         True,
         description="Reweight stale-but-allowed samples by truncated importance ratios.",
     )
+    staleness_gate: bool = Field(
+        True,
+        description="Start a rollout group only while fewer than groups_per_iteration x "
+        "(max_staleness + 1) groups are unconsumed and the acting policy is at most "
+        "max_staleness versions behind the learner, so samplers do not produce data the "
+        "learner must drop (with max_staleness 0: only on-policy data). In-process sample "
+        "lanes; sampler processes rely on the learner's drop alone.",
+    )
     queue_groups: int = Field(
         16, ge=1, description="Bound of the trajectory queue (in groups): backpressure."
     )

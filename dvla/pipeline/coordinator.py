@@ -29,9 +29,11 @@ from dvla.data import TrajectoryGroup
 from dvla.errors import ConfigError, DvlaError
 from dvla.pipeline import checkpointing
 from dvla.pipeline.evaluate import evaluate
+from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
+from dvla.pipeline.policy import build_policy, export_policy
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane, start_simulator
@@ -100,33 +102,37 @@ class Coordinator:
         self.sim_cls, self.sim_opts = registry.build_options(
             "simulator", cfg.simulator, self.source
         )
+        # The model is built (and its files and action head checked) before any
+        # simulator starts whenever the simulator can describe itself: a wrong model path
+        # must not cost LIBERO's start-up first.
+        spec = self.sim_cls.describe(self.sim_opts)
+        early = build_policy(cfg, spec, self.source) if spec is not None else None
         sims: list[Simulator] = []
         try:
-            described = self.sim_cls.describe(self.sim_opts) if p.sample_processes else None
-            if described is not None:
-                spec = described
-            elif p.sample_processes:
+            if spec is None and p.sample_processes:
                 # Simulators live in sampler processes; one environment here tells the
                 # model the observation and action spec, then goes away.
                 probe = self._make_sim(1, cfg.seed)
                 spec = probe.spec
                 probe.close()
-            else:
+            if not p.sample_processes:
                 for i, n in enumerate(split(p.num_envs, p.shards)):
                     sims.append(self._make_sim(n, cfg.seed + i))
                 spec = sims[0].spec
-            self._build_rest(sims, spec)
+            assert spec is not None
+            self._build_rest(sims, spec, early)
         except BaseException:
             for sim in sims:
                 sim.close()
             raise
 
-    def _build_rest(self, sims: list[Simulator], spec: SimulatorSpec) -> None:
+    def _build_rest(
+        self, sims: list[Simulator], spec: SimulatorSpec, policy: Policy | None
+    ) -> None:
         cfg, p = self.cfg, self.cfg.pipeline
-        model_cls, model_opts = registry.build_options("model", cfg.model, self.source)
         algo_cls, algo_opts = registry.build_options("algorithm", cfg.algorithm, self.source)
         opt_cls, opt_opts = registry.build_options("optimizer", cfg.optimizer, self.source)
-        self.policy: Policy = model_cls(model_opts, spec)
+        self.policy: Policy = policy or build_policy(cfg, spec, self.source)
         self.optimizer = optimizer = opt_cls(opt_opts).build(self.policy.parameters())
         self.algorithm: Algorithm = algo_cls(algo_opts, self.policy, optimizer)
         self.accounting = Accounting(window=deque(maxlen=cfg.run.success_window))
@@ -136,11 +142,20 @@ class Coordinator:
             assert self.resumed is not None
             self.resumed["digest"] = checkpointing.restore(self, st)
             version, generation = st.policy_version, st.cursor.get("generation", 0)
+        self.gate: StalenessGate | None = None
+        if p.staleness_gate and p.mode == "async" and not p.sample_processes:
+            self.gate = StalenessGate(
+                p.groups_per_iteration,
+                p.max_staleness,
+                lambda: self.learn.version,
+                lambda: self.replicas.active.version,
+            )
         source = EpisodeSource(
             [t.num_init_states for t in spec.tasks],
             self.algorithm.group_size,
             cfg.seed,
             limited=p.mode == "sync",
+            gate=self.gate,
         )
         shards = [
             EnvShard(f"shard{i}", sim, cfg.simulator.name, source) for i, sim in enumerate(sims)
@@ -169,7 +184,13 @@ class Coordinator:
             )
         self.infer = InferLane(self.replicas, p.infer, p.lane_timeout_s, cfg.seed)
         self.learn = LearnLane(
-            self.algorithm, self.policy, self.bus, self.accounting, p, self._on_iteration
+            self.algorithm,
+            self.policy,
+            self.bus,
+            self.accounting,
+            p,
+            self._on_iteration,
+            self.gate,
         )
         if self._resume_state is not None:
             self.learn.iteration = self._resume_state.iteration
@@ -242,6 +263,7 @@ class Coordinator:
             "accounting": acc.as_dict(),
             "lanes": self.lane_shares(),
             "infer_mean_batch": self.infer_mean_batch(),
+            "staleness_hist": {str(k): v for k, v in self.learn.batch_staleness.items()},
             **metrics,
         }
         self.rundir.append_metrics(row)
@@ -467,6 +489,10 @@ class Coordinator:
                 if not done:
                     log.error("final checkpoint did not finish within drain_timeout_s")
         self.rundir.save_policy(self.policy.state_dict())
+        try:
+            export_policy(self.policy, self.cfg, self.rundir.root / "policy", self.learn.version)
+        except Exception as err:  # the run's result is policy.pt; the export is a copy
+            log.error("policy export failed", error=f"{type(err).__name__}: {err}")
         eval_result = None
         # A stop someone asked for (signal, POST /stop) must finish within the drain
         # timeout, so it skips the final evaluation.

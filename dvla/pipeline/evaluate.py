@@ -1,9 +1,10 @@
 """Greedy evaluation of a policy on a fixed, reproducible set of episodes.
 
 Two callers: the coordinator scores the policy it just trained (:func:`evaluate`), and
-``dvla eval`` scores saved weights (:func:`run_eval`): a run's ``policy.pt``, a training
-checkpoint or a run directory. Both run the same episodes for the same count and seed,
-so a number from one can be checked against the other.
+``dvla eval`` scores saved weights (:func:`run_eval`): a run's ``policy.pt``, a policy
+export (``dvla export``, a run's ``policy/``), a training checkpoint or a run directory.
+Both run the same episodes for the same count and seed, so a number from one can be
+checked against the other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dvla.cluster.checkpoint import FORMAT, CheckpointError, CheckpointStore, lo
 from dvla.config import PipelineFile
 from dvla.data import ActionBatch, Trajectory
 from dvla.errors import ConfigError
+from dvla.pipeline.policy import WEIGHTS_FILE, build_policy, is_export, read_export
 from dvla.pipeline.sample import EnvShard, EpisodeSource, start_simulator
 
 log = logs.get(__name__)
@@ -131,11 +133,13 @@ def read_weights(path: Path) -> tuple[Path, Mapping[str, torch.Tensor]]:
     Raises:
         ConfigError: nothing there, unreadable, or neither kind of file.
     """
+    if is_export(path):
+        return path / WEIGHTS_FILE, read_export(path)[1]
     if path.is_dir():
         if not (path / "policy.pt").is_file():
             raise ConfigError(
                 f"--checkpoint {path}: directory has no policy.pt (expected a run directory, "
-                "a policy.pt or a ckpt-*.pt file)"
+                "a policy export, a policy.pt or a ckpt-*.pt file)"
             )
         path = path / "policy.pt"
     elif not path.exists():
@@ -230,11 +234,17 @@ def run_eval(
         raise ConfigError(f"--envs must be at least 1, got {envs}")
     path, state = read_weights(checkpoint)
     sim_cls, sim_opts = registry.build_options("simulator", cfg.simulator, source)
-    model_cls, model_opts = registry.build_options("model", cfg.model, source)
+    spec = sim_cls.describe(sim_opts)
+    policy: Policy | None = None
+    if spec is not None:
+        # Model files and weights are checked before any environment starts.
+        policy = build_policy(cfg, spec, source)
+        load_weights(policy, state, path, cfg.model.name)
     sim = start_simulator(sim_cls, sim_opts, cfg.simulator.name, envs, cfg.seed + EVAL_SEED_OFFSET)
     try:
-        policy: Policy = model_cls(model_opts, sim.spec)
-        load_weights(policy, state, path, cfg.model.name)
+        if policy is None:
+            policy = build_policy(cfg, sim.spec, source)
+            load_weights(policy, state, path, cfg.model.name)
         del state
         log.info(
             "evaluating",

@@ -15,6 +15,7 @@ from dvla.backends.base import Algorithm, Policy
 from dvla.config import PipelineConfig
 from dvla.data import TrajectoryGroup
 from dvla.errors import TrainingError
+from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.weights import StateDict, WeightBus, snapshot
@@ -33,6 +34,7 @@ class LearnLane(Lane):
         accounting: Accounting,
         cfg: PipelineConfig,
         on_iteration: IterationHook,
+        gate: StalenessGate | None = None,
     ) -> None:
         super().__init__("learn", cfg.lane_timeout_s)
         self.algorithm = algorithm
@@ -45,12 +47,20 @@ class LearnLane(Lane):
         self.iteration = 0
         self.pending: list[TrajectoryGroup] = []
         self.staleness_seen: dict[int, int] = {}
+        self.gate = gate
+        #: Staleness of the groups in the latest update, and groups dropped since the one
+        #: before it: the per-iteration distribution the metrics report.
+        self.batch_staleness: dict[int, int] = {}
+        self.dropped_since_update = 0
 
     def admit(self, group: TrajectoryGroup) -> bool:
         """Accept ``group`` for the next batch unless it is too stale; count either way."""
         staleness = self.version - group.version
         if staleness > self.cfg.max_staleness:
             self.accounting.dropped_stale += len(group.trajectories)
+            self.dropped_since_update += 1
+            if self.gate is not None:
+                self.gate.finish(1)
             return False
         self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
         self.pending.append(group)
@@ -80,12 +90,22 @@ class LearnLane(Lane):
         """One update on the pending groups; publishes new weights."""
         groups, self.pending = self.pending, []
         count = sum(len(g.trajectories) for g in groups)
+        lags: dict[int, int] = {}
+        for g in groups:
+            lag = self.version - g.version
+            lags[lag] = lags.get(lag, 0) + 1
         try:
             metrics, state = await self.blocking(self._update, groups)
         except BaseException:
             self.accounting.discarded += count
             raise
+        finally:
+            if self.gate is not None:
+                self.gate.finish(len(groups))
         self.accounting.consumed += count
+        self.batch_staleness = dict(sorted(lags.items()))
+        metrics["groups_dropped_stale"] = float(self.dropped_since_update)
+        self.dropped_since_update = 0
         self.iteration += 1
         if metrics.get("updated", 1.0):
             self.version += 1

@@ -21,6 +21,7 @@ import numpy as np
 from dvla.backends.base import Simulator
 from dvla.data import ActionBatch, ObsBatch, StepBatch, Trajectory, TrajectoryGroup
 from dvla.errors import DvlaError, SimulatorError
+from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.stats import Accounting
 
@@ -60,8 +61,10 @@ class EpisodeSource:
         limited: bool,
         group_offset: int = 0,
         group_stride: int = 1,
+        gate: StalenessGate | None = None,
     ) -> None:
         self._num_init = tasks
+        self.gate = gate
         # Sampler processes draw group ids offset, offset + stride, ...: unique run-wide.
         self._offset = group_offset
         self._stride = group_stride
@@ -88,6 +91,8 @@ class EpisodeSource:
                         if self._allowed == 0:
                             break
                         self._allowed -= 1
+                    if self.gate is not None and not self.gate.try_start():
+                        break
                     task = int(self._rng.integers(len(self._num_init)))
                     init = int(self._rng.integers(self._num_init[task]))
                     gid = self._offset + self._next_group * self._stride
@@ -290,8 +295,18 @@ class SampleLane(Lane):
         stop: asyncio.Event,
     ) -> None:
         """Async mode: step one shard until stopped; ``emit`` applies backpressure."""
+        gate = shard.source.gate
         await self.blocking(shard.refill)
-        while not stop.is_set() and shard.has_active:
+        while not stop.is_set():
+            if not shard.has_active:
+                if gate is None:
+                    break
+                # Every environment idle: the staleness gate holds new groups back
+                # until the learner catches up.
+                await gate.wait_open(stop)
+                if not stop.is_set():
+                    await self.blocking(shard.refill)
+                continue
             assert shard.obs is not None
             act = await request(shard.obs)
             finished, _ = await self.blocking(shard.advance, act)

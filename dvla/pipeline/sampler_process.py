@@ -28,6 +28,7 @@ from dvla.control.receiver import WeightReceiver
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError
 from dvla.pipeline.infer import InferLane
+from dvla.pipeline.policy import build_policy
 from dvla.pipeline.sample import EnvShard, Episode, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
@@ -193,8 +194,7 @@ class LocalInference:
         """Build the replica and wait for the learner's current weights."""
         p = cfg.pipeline
         torch.set_num_threads(p.torch_threads)
-        model_cls, model_opts = registry.build_options("model", cfg.model, "<sampler>")
-        policy = model_cls(model_opts, spec)
+        policy = build_policy(cfg, spec, "<sampler>")
         receiver = WeightReceiver(cfg.weight_plane, secret, publisher, name)
         await asyncio.to_thread(receiver.start, cfg.data_plane.connect_timeout_s)
         first = await receiver.wait_newer(-1, p.lane_timeout_s)

@@ -81,17 +81,8 @@ class ToySimulator(Simulator):
         self.o = o
         k = o.num_objects
         self._colors = np.array([COLORS[c] for c in list(COLORS)[:k]], dtype=np.uint8)
-        self._tasks = tuple(
-            TaskSpec(instruction=f"pick up the {name} block", num_init_states=o.num_init_states)
-            for name in list(COLORS)[:k]
-        )
-        self._spec = SimulatorSpec(
-            cameras={"agentview": (o.image_size, o.image_size)},
-            proprio_dim=3,
-            action_dim=7,
-            max_episode_steps=o.max_steps,
-            tasks=self._tasks,
-        )
+        self._spec = self.describe(o)
+        self._tasks = self._spec.tasks
         self._layouts = self._make_layouts()
         n = num_envs
         self.obj_pos = np.zeros((n, k, 2), np.float32)
@@ -105,6 +96,22 @@ class ToySimulator(Simulator):
         centers = (np.arange(hi, dtype=np.float32) + 0.5) / hi
         self._cx = centers[None, None, :]  # columns -> x
         self._cy = centers[None, :, None]  # rows -> y
+
+    @classmethod
+    def describe(cls, options: Any) -> SimulatorSpec:
+        """The spec from the options alone, so models are checked before any env starts."""
+        o: ToyOptions = options
+        tasks = tuple(
+            TaskSpec(instruction=f"pick up the {name} block", num_init_states=o.num_init_states)
+            for name in list(COLORS)[: o.num_objects]
+        )
+        return SimulatorSpec(
+            cameras={"agentview": (o.image_size, o.image_size)},
+            proprio_dim=3,
+            action_dim=7,
+            max_episode_steps=o.max_steps,
+            tasks=tasks,
+        )
 
     @property
     def spec(self) -> SimulatorSpec:
