@@ -230,6 +230,20 @@ class Coordinator:
             return s.infer_observations / s.infer_batches if s.infer_batches else 0.0
         return self.infer.mean_batch()
 
+    def infer_report(self) -> dict[str, Any]:
+        """Achieved batching of policy forwards, wherever inference runs."""
+        if self.publisher is not None and isinstance(self.sample, RemoteSampleLane):
+            s = self.sample
+            return {
+                "forwards": s.infer_batches,
+                "observations": s.infer_observations,
+                "mean_batch": round(self.infer_mean_batch(), 3),
+                "max_batch": self.cfg.pipeline.infer.max_batch,
+                "max_wait_ms": self.cfg.pipeline.infer.max_wait_ms,
+                "where": "samplers",
+            }
+        return {**self.infer.report(), "where": "coordinator"}
+
     def weight_sync(self) -> dict[str, Any]:
         """Weight-plane figures for the summary: rounds, their times, failures."""
         pub = self.publisher
@@ -322,6 +336,8 @@ class Coordinator:
             "lanes": self.lane_shares(wall),
             "accounting": acc.as_dict(),
             "infer_mean_batch": round(self.infer_mean_batch(), 3),
+            "infer": self.infer_report(),
+            "staleness_gate": self.gate.status() if self.gate else {},
             "policy_versions": {"learner": self.learn.version},
             "checkpoint": self.checkpoints.status(),
             "resumed": self.resumed,
@@ -525,6 +541,8 @@ class Coordinator:
             infer_mean_batch=self.infer_mean_batch(),
             weight_sync=self.weight_sync(),
             staleness={str(k): v for k, v in sorted(self.learn.staleness_seen.items())},
+            infer=self.infer_report(),
+            staleness_gate=self.gate.status() if self.gate else {},
         )
         self.rundir.write_summary(asdict(summary))
         self.state = "stopped"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ class InferLane(Lane):
         self.batches = 0
         self.observations = 0
         self.max_batch_seen = 0
+        #: Forwards by batch size, bucketed to the next power of two: what batching
+        #: actually achieved under the run's load, against ``max_batch``.
+        self.size_hist: dict[int, int] = {}
 
     def _forward(self, obs: ObsBatch) -> ActionBatch:
         rep = self.replicas.active
@@ -49,6 +53,8 @@ class InferLane(Lane):
         self.batches += 1
         self.observations += len(obs)
         self.max_batch_seen = max(self.max_batch_seen, len(obs))
+        bucket = 1 << max(0, len(obs) - 1).bit_length()
+        self.size_hist[bucket] = self.size_hist.get(bucket, 0) + 1
         return ActionBatch(actions.astype(np.float32), tokens, logprobs, version)
 
     async def forward(self, obs: ObsBatch) -> ActionBatch:
@@ -67,12 +73,21 @@ class InferLane(Lane):
             ) from None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Async mode: batch and serve requests until stopped."""
+        """Async mode: batch and serve requests until stopped.
+
+        A forward never exceeds ``max_batch`` observations (on a GPU that is the memory
+        the inference pool was sized for): a request that would overflow the batch waits
+        for the next one, and a single request larger than ``max_batch`` is split.
+        """
+        carry: Request | None = None
         while not stop.is_set():
-            try:
-                first = await asyncio.wait_for(self._requests.get(), 0.25)
-            except TimeoutError:
-                continue
+            if carry is not None:
+                first, carry = carry, None
+            else:
+                try:
+                    first = await asyncio.wait_for(self._requests.get(), 0.25)
+                except TimeoutError:
+                    continue
             batch = [first]
             size = len(first[0])
             deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
@@ -84,20 +99,36 @@ class InferLane(Lane):
                     nxt = await asyncio.wait_for(self._requests.get(), remaining)
                 except TimeoutError:
                     break
+                if size + len(nxt[0]) > self.cfg.max_batch:
+                    carry = nxt
+                    break
                 batch.append(nxt)
                 size += len(nxt[0])
             await self._serve(batch)
         # Requests queued before the stop still get their answer, so no shard is left
         # waiting for actions that never come.
-        leftover = []
+        leftover = [carry] if carry is not None else []
         while not self._requests.empty():
             leftover.append(self._requests.get_nowait())
         if leftover:
             await self._serve(leftover)
 
+    def _forward_chunked(self, obs: ObsBatch) -> ActionBatch:
+        n, cap = len(obs), self.cfg.max_batch
+        if n <= cap:
+            return self._forward(obs)
+        parts = [self._forward(obs.select(np.arange(i, min(i + cap, n)))) for i in range(0, n, cap)]
+        return ActionBatch(
+            np.concatenate([p.actions for p in parts]),
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.logprobs for p in parts]),
+            min(p.version for p in parts),
+        )
+
     async def _serve(self, batch: list[Request]) -> None:
         try:
-            act = await self.blocking(self._forward, ObsBatch.concat([r[0] for r in batch]))
+            obs = ObsBatch.concat([r[0] for r in batch])
+            act = await self.blocking(self._forward_chunked, obs)
         except Exception as err:
             for _, fut in batch:
                 if not fut.done():
@@ -112,3 +143,15 @@ class InferLane(Lane):
 
     def mean_batch(self) -> float:
         return self.observations / self.batches if self.batches else 0.0
+
+    def report(self) -> dict[str, Any]:
+        """Achieved batching: forwards, mean and largest batch, and sizes by bucket."""
+        return {
+            "forwards": self.batches,
+            "observations": self.observations,
+            "mean_batch": round(self.mean_batch(), 3),
+            "max_batch_seen": self.max_batch_seen,
+            "batch_size_hist": {f"<={k}": v for k, v in sorted(self.size_hist.items())},
+            "max_batch": self.cfg.max_batch,
+            "max_wait_ms": self.cfg.max_wait_ms,
+        }

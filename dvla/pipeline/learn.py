@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import numpy as np
+
+from dvla.backends.algorithms.correction import staleness_metrics
 from dvla.backends.base import Algorithm, Policy
 from dvla.config import PipelineConfig
 from dvla.data import TrajectoryGroup
@@ -104,6 +107,13 @@ class LearnLane(Lane):
                 self.gate.finish(len(groups))
         self.accounting.consumed += count
         self.batch_staleness = dict(sorted(lags.items()))
+        # Per step, over the whole batch and for every algorithm (an algorithm may train
+        # on a subset, e.g. GRPO skips groups without signal).
+        metrics.update(
+            staleness_metrics(
+                self.version, np.concatenate([t.versions for g in groups for t in g.trajectories])
+            )
+        )
         metrics["groups_dropped_stale"] = float(self.dropped_since_update)
         self.dropped_since_update = 0
         self.iteration += 1

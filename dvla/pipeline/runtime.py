@@ -40,6 +40,12 @@ class RunSummary:
     infer_mean_batch: float
     staleness: dict[str, int] = field(default_factory=dict)
     weight_sync: dict[str, Any] = field(default_factory=dict)
+    #: Achieved inference batching (see InferLane.report).
+    infer: dict[str, Any] = field(default_factory=dict)
+    #: Rollout and training memory pools: sizes and high-water marks.
+    memory: dict[str, Any] = field(default_factory=dict)
+    #: The staleness gate's open groups, capacity and how often it held samplers back.
+    staleness_gate: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
