@@ -164,8 +164,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     backend's own format, e.g. a transformers model directory), which ``dvla eval``
     and the model backend load, and tools outside dvla read without unpickling anything.
     """
-    from dvla.pipeline.evaluate import load_weights, read_weights
-    from dvla.pipeline.policy import build_policy, export_policy
+    from dvla.pipeline.evaluate import read_weights
+    from dvla.pipeline.policy import build_policy, export_policy, load_weights
     from dvla.pipeline.sample import start_simulator
 
     cfg = load_and_check(args.file, args.set)
@@ -180,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         spec = sim.spec
         sim.close()
     policy = build_policy(cfg, spec, args.file)
-    load_weights(policy, state, path, cfg.model.name)
+    load_weights(policy, state, f"--checkpoint {path}", cfg.model.name)
     export_policy(policy, cfg, out, args.policy_version)
     sys.stdout.write(f"exported {path} -> {out}\n")
     return 0

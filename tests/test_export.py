@@ -118,3 +118,18 @@ def test_export_is_atomic_over_a_previous_one(run_dir: Path, tmp_path: Path) -> 
     assert not (out / "stray.txt").exists()
     assert read_export(out)[0]["policy_version"] == 8
     assert not out.with_name("p.tmp").exists() and not out.with_name("p.old").exists()
+
+
+def test_resume_with_another_architecture_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "run"
+    assert main(["run", str(TOY), "--run-dir", str(d), *TINY]) == 0
+    capsys.readouterr()
+    code = main(
+        ["run", str(TOY), "--run-dir", str(d), "--resume", *TINY, "--set", "model.hidden=64"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: --resume ") and "weights do not fit" in err
+    assert err.count("\n") == 1

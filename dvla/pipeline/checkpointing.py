@@ -19,9 +19,12 @@ from dvla.cluster.checkpoint import (
     CheckpointStore,
     TrainingState,
     capture_rng,
+    load_error_line,
     restore_rng,
     state_digest,
 )
+from dvla.errors import ConfigError
+from dvla.pipeline.policy import load_weights
 
 if TYPE_CHECKING:
     from dvla.pipeline.coordinator import Coordinator
@@ -68,8 +71,15 @@ def restore(co: Coordinator, state: TrainingState) -> str:
     for the learner's batch) did not survive the restart: they are counted as discarded,
     so the accounting still balances.
     """
-    co.policy.load_state_dict(state.model)
-    co.optimizer.load_state_dict(state.optimizer)
+    where = f"--resume {co.resumed['path'] if co.resumed else '?'}"
+    load_weights(co.policy, state.model, where, co.cfg.model.name)
+    try:
+        co.optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(
+            f"{where}: optimizer state does not fit the configured "
+            f"optimizer '{co.cfg.optimizer.name}': {load_error_line(err)}"
+        ) from None
     restore_rng(state.rng)
     acc = co.accounting
     for key in COUNTERS:

@@ -22,7 +22,13 @@ from dvla.cluster.checkpoint import FORMAT, CheckpointError, CheckpointStore, lo
 from dvla.config import PipelineFile
 from dvla.data import ActionBatch, Trajectory
 from dvla.errors import ConfigError
-from dvla.pipeline.policy import WEIGHTS_FILE, build_policy, is_export, read_export
+from dvla.pipeline.policy import (
+    WEIGHTS_FILE,
+    build_policy,
+    is_export,
+    load_weights,
+    read_export,
+)
 from dvla.pipeline.sample import EnvShard, EpisodeSource, start_simulator
 
 log = logs.get(__name__)
@@ -170,42 +176,6 @@ def read_weights(path: Path) -> tuple[Path, Mapping[str, torch.Tensor]]:
     return path, obj
 
 
-def load_weights(
-    policy: Policy, state: Mapping[str, torch.Tensor], path: Path, model_name: str
-) -> None:
-    """Load ``state`` into ``policy``, or say in one line why it does not fit.
-
-    torch's own message lists every key over many lines; the first missing, unexpected
-    or mis-shaped key is enough to see that the file belongs to another architecture
-    (or another model option, e.g. a different head).
-
-    Raises:
-        ConfigError: the weights are not ``policy``'s.
-    """
-    own = policy.state_dict()
-    what = f"--checkpoint {path}: weights do not fit model '{model_name}'"
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ConfigError(f"{what}: {', '.join(parts)}")
-    for key, mine in own.items():
-        theirs = state[key]
-        if theirs.shape != mine.shape:
-            raise ConfigError(
-                f"{what}: {key!r} has shape {list(theirs.shape)} in the file, "
-                f"{list(mine.shape)} in the model"
-            )
-    try:
-        policy.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ConfigError(f"{what}: {load_error_line(err)}") from None
-
-
 def run_eval(
     cfg: PipelineFile,
     source: str,
@@ -239,12 +209,12 @@ def run_eval(
     if spec is not None:
         # Model files and weights are checked before any environment starts.
         policy = build_policy(cfg, spec, source)
-        load_weights(policy, state, path, cfg.model.name)
+        load_weights(policy, state, f"--checkpoint {path}", cfg.model.name)
     sim = start_simulator(sim_cls, sim_opts, cfg.simulator.name, envs, cfg.seed + EVAL_SEED_OFFSET)
     try:
         if policy is None:
             policy = build_policy(cfg, sim.spec, source)
-            load_weights(policy, state, path, cfg.model.name)
+            load_weights(policy, state, f"--checkpoint {path}", cfg.model.name)
         del state
         log.info(
             "evaluating",

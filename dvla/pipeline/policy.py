@@ -150,3 +150,47 @@ def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     except (OSError, SafetensorError) as err:
         raise ConfigError(f"{path / WEIGHTS_FILE}: cannot read the weights ({err})") from None
     return meta, state
+
+
+def load_weights(
+    policy: Policy, state: Mapping[str, torch.Tensor], source: str, model_name: str
+) -> None:
+    """Load ``state`` into ``policy``, or say in one line why it does not fit.
+
+    torch's own message lists every key over many lines; the first missing, unexpected
+    or mis-shaped key is enough to see that the file belongs to another architecture
+    (or another model option, e.g. a different head or no value head).
+
+    Args:
+        policy: the freshly built model.
+        state: the weights read from ``source``.
+        source: how the error names where the weights came from (``--checkpoint P``).
+        model_name: the configured model backend, for the message.
+
+    Raises:
+        ConfigError: the weights are not ``policy``'s.
+    """
+    from dvla.cluster.checkpoint import load_error_line
+
+    own = policy.state_dict()
+    what = f"{source}: weights do not fit model '{model_name}'"
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
+        if unexpected:
+            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ConfigError(f"{what}: {', '.join(parts)}")
+    for key, mine in own.items():
+        theirs = state[key]
+        if theirs.shape != mine.shape:
+            raise ConfigError(
+                f"{what}: {key!r} has shape {list(theirs.shape)} in the file, "
+                f"{list(mine.shape)} in the model"
+            )
+    try:
+        policy.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(f"{what}: {load_error_line(err)}") from None
