@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import zlib
 from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dvla.backends.base import Policy, PolicyOutput
+from dvla.backends.base import Policy, PolicyOutput, SimulatorSpec
 
 
 class ActionTokenizer:
@@ -89,7 +90,14 @@ class TokenPolicy(Policy):
     temperature: float = 1.0
     #: Width of the features :meth:`forward_heads` returns (the value head's input).
     feature_dim: int = 0
-    value_head: nn.Linear | None = None
+    value_head: nn.Linear | None
+
+    def __init__(self, options: Any, spec: SimulatorSpec) -> None:
+        super().__init__(options, spec)
+        # An instance attribute, not a class default: nn.Module finds registered
+        # submodules only when ordinary lookup fails, so a class-level None would hide
+        # the head enable_value_head() registers.
+        self.value_head = None
 
     @abstractmethod
     def forward_heads(
