@@ -79,6 +79,36 @@ class InferConfig(Strict):
     )
 
 
+class MemoryConfig(Strict):
+    """Rollout and training memory: two pools of buffers preallocated for the whole run.
+
+    Observation and trajectory buffers come from the rollout pool and learner batches from
+    the train pool, so the steady state allocates no large arrays per step; on CUDA the
+    policy's inference and training allocations also go to separate allocator pools, so a
+    training peak cannot fragment or evict what inference has cached.
+    """
+
+    pinned: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Page-locked host memory for buffers copied to the GPU. auto: the "
+        "inference staging and learner batch buffers, where CUDA exists; on: every pool "
+        "buffer, trajectory slots included (pinned memory cannot be swapped: size it); "
+        "off: none.",
+    )
+    cuda_pools: bool = Field(
+        True,
+        description="On CUDA, route inference and training allocations to two separate "
+        "torch.cuda.MemPool caching pools; no effect without CUDA.",
+    )
+    trajectory_slots: int | None = Field(
+        None,
+        ge=1,
+        description="Finished-trajectory slots of each sample lane's ring; default computed "
+        "from the queue and batch sizes (see dvla/pipeline/memory.py). A full ring never "
+        "blocks: extra trajectories get fresh arrays and are counted as overflow.",
+    )
+
+
 class PipelineConfig(Strict):
     """The swimlane pipeline: lane sizes, queues, staleness."""
 
@@ -136,6 +166,7 @@ class PipelineConfig(Strict):
         "the weight plane keeps up to date (needs sample_processes >= 1).",
     )
     infer: InferConfig = Field(default_factory=InferConfig)  # type: ignore[arg-type]
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _shards_fit(self) -> PipelineConfig:

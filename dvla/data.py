@@ -6,6 +6,7 @@ msgpack-framed channels later) can carry them without pickle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,6 +106,11 @@ class Trajectory:
         versions: int64 ``[T]`` policy version of each action.
         rewards: float32 ``[T]``.
         success: whether the episode reached the task's goal.
+
+    A trajectory a sample lane built from its rollout pool holds views of a ring slot;
+    whoever is done with it last (the learner after its update, or whoever drops or
+    discards it) calls :meth:`release` so the slot is reused. The hook is not a field of
+    the record: it never travels, and equality and repr ignore it.
     """
 
     producer: str
@@ -120,6 +126,21 @@ class Trajectory:
     versions: np.ndarray
     rewards: np.ndarray
     success: bool
+    _release: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def attach_release(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once when the trajectory is released (a pooled trajectory's slot)."""
+        self._release = fn
+
+    def release(self) -> None:
+        """Return the trajectory's memory to its pool; its arrays must not be read after.
+
+        Idempotent, and a no-op for trajectories that were never pooled (decoded from the
+        data plane, built by tests).
+        """
+        fn, self._release = self._release, None
+        if fn is not None:
+            fn()
 
     @property
     def length(self) -> int:
@@ -147,6 +168,11 @@ class TrajectoryGroup:
     @property
     def version(self) -> int:
         return min(t.version for t in self.trajectories)
+
+    def release(self) -> None:
+        """Release every trajectory of the group (see :meth:`Trajectory.release`)."""
+        for t in self.trajectories:
+            t.release()
 
     @property
     def env_steps(self) -> int:

@@ -68,7 +68,8 @@ def _spy(co: Coordinator) -> list[tuple[int, list[np.ndarray]]]:
     update = co.algorithm.update
 
     def spy(groups: list[TrajectoryGroup], learner_version: int, *a: Any) -> dict[str, float]:
-        seen.append((learner_version, [t.versions for g in groups for t in g.trajectories]))
+        # Copies: a trajectory's arrays are ring slots, reused once the update released them.
+        seen.append((learner_version, [t.versions.copy() for g in groups for t in g.trajectories]))
         return update(groups, learner_version, *a)
 
     co.algorithm.update = spy  # type: ignore[method-assign]

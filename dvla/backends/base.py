@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import nn
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch, StepBatch, TrajectoryGroup
 from dvla.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dvla.pipeline.memory import BufferPool
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,10 @@ class Algorithm(ABC):
     Options: ClassVar[type[BackendOptions]] = BackendOptions
     #: Actor-critic algorithms set this: the policy gets a value head before training.
     needs_values: ClassVar[bool] = False
+    #: The run's training memory pool, set by the coordinator: pass it to
+    #: :func:`dvla.backends.algorithms.batching.flatten` to build each batch in reused
+    #: buffers (valid until the next update's flatten). None: new arrays every update.
+    train_pool: BufferPool | None = None
 
     def __init__(self, options: Any, policy: Policy, optimizer: torch.optim.Optimizer) -> None:
         self.options = options
@@ -203,6 +210,10 @@ class Algorithm(ABC):
         importance_correction: bool,
     ) -> dict[str, float]:
         """One learner iteration on ``groups``; returns scalar metrics (``loss`` at least).
+
+        The trajectories' arrays are views of the rollout pool's ring slots, which are
+        reused once this returns: an algorithm that keeps data beyond one update (a
+        replay buffer) must copy it.
 
         Args:
             groups: the trajectory groups, each already within ``max_staleness``.

@@ -33,6 +33,7 @@ from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.infer import InferLane
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
+from dvla.pipeline.memory import MemoryPools, ring_slots
 from dvla.pipeline.policy import build_policy, export_policy
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
@@ -135,6 +136,10 @@ class Coordinator:
         self.policy: Policy = policy or build_policy(cfg, spec, self.source)
         self.optimizer = optimizer = opt_cls(opt_opts).build(self.policy.parameters())
         self.algorithm: Algorithm = algo_cls(algo_opts, self.policy, optimizer)
+        self.memory = MemoryPools(p.memory)
+        g = self.algorithm.group_size
+        self.memory.train.min_rows = p.groups_per_iteration * g * spec.max_episode_steps
+        self.algorithm.train_pool = self.memory.train
         self.accounting = Accounting(window=deque(maxlen=cfg.run.success_window))
         version, generation = 0, 0
         if self._resume_state is not None:
@@ -157,8 +162,10 @@ class Coordinator:
             limited=p.mode == "sync",
             gate=self.gate,
         )
+        ring = self.memory.ring(spec, ring_slots(p, g, p.num_envs)) if sims else None
         shards = [
-            EnvShard(f"shard{i}", sim, cfg.simulator.name, source) for i, sim in enumerate(sims)
+            EnvShard(f"shard{i}", sim, cfg.simulator.name, source, self.memory.rollout, ring)
+            for i, sim in enumerate(sims)
         ]
         self.bus: WeightBus = LocalWeightBus()
         self.replicas = ReplicaSet(self.policy, version)
@@ -182,7 +189,7 @@ class Coordinator:
             self.sample = SampleLane(
                 shards, self.algorithm.group_size, self.accounting, p.lane_timeout_s
             )
-        self.infer = InferLane(self.replicas, p.infer, p.lane_timeout_s, cfg.seed)
+        self.infer = InferLane(self.replicas, p.infer, p.lane_timeout_s, cfg.seed, self.memory)
         self.learn = LearnLane(
             self.algorithm,
             self.policy,
@@ -191,6 +198,7 @@ class Coordinator:
             p,
             self._on_iteration,
             self.gate,
+            self.memory,
         )
         if self._resume_state is not None:
             self.learn.iteration = self._resume_state.iteration
@@ -244,6 +252,10 @@ class Coordinator:
             }
         return {**self.infer.report(), "where": "coordinator"}
 
+    def memory_report(self) -> dict[str, dict[str, Any]]:
+        """Each memory pool's size, use, high-water mark and overflow (see memory.py)."""
+        return self.memory.report()
+
     def weight_sync(self) -> dict[str, Any]:
         """Weight-plane figures for the summary: rounds, their times, failures."""
         pub = self.publisher
@@ -278,6 +290,9 @@ class Coordinator:
             "lanes": self.lane_shares(),
             "infer_mean_batch": self.infer_mean_batch(),
             "staleness_hist": {str(k): v for k, v in self.learn.batch_staleness.items()},
+            "memory_high_water_bytes": {
+                name: pool["high_water_bytes"] for name, pool in self.memory_report().items()
+            },
             **metrics,
         }
         self.rundir.append_metrics(row)
@@ -337,6 +352,7 @@ class Coordinator:
             "accounting": acc.as_dict(),
             "infer_mean_batch": round(self.infer_mean_batch(), 3),
             "infer": self.infer_report(),
+            "memory": self.memory_report(),
             "staleness_gate": self.gate.status() if self.gate else {},
             "policy_versions": {"learner": self.learn.version},
             "checkpoint": self.checkpoints.status(),
@@ -387,6 +403,7 @@ class Coordinator:
                 except TimeoutError:
                     continue
             self.accounting.discarded += len(group.trajectories)
+            group.release()
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.infer.run(stop), name="infer")
@@ -402,7 +419,9 @@ class Coordinator:
                         name=shard.id,
                     )
         while not queue.empty():
-            self.accounting.discarded += len(queue.get_nowait().trajectories)
+            left = queue.get_nowait()
+            self.accounting.discarded += len(left.trajectories)
+            left.release()
 
     async def _run_sync(self, stop: asyncio.Event) -> None:
         progress = asyncio.create_task(self._progress(stop))
@@ -495,6 +514,8 @@ class Coordinator:
                 self.publisher.close()
             self.accounting.discarded += sum(len(g.trajectories) for g in self.learn.pending)
             self.accounting.discarded += self.sample.in_progress()
+            for group in self.learn.pending:
+                group.release()
             self.learn.pending = []
             self.checkpoints.wait(self.cfg.cluster.drain_timeout_s)
             already = self.checkpoints.last_iteration == self.learn.iteration
@@ -542,6 +563,7 @@ class Coordinator:
             weight_sync=self.weight_sync(),
             staleness={str(k): v for k, v in sorted(self.learn.staleness_seen.items())},
             infer=self.infer_report(),
+            memory=self.memory_report(),
             staleness_gate=self.gate.status() if self.gate else {},
         )
         self.rundir.write_summary(asdict(summary))

@@ -8,6 +8,7 @@ forward runs on the active inference replica, which the sync lane swaps atomical
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ from dvla.config import InferConfig
 from dvla.data import ActionBatch, ObsBatch
 from dvla.errors import LaneError, TrainingError
 from dvla.pipeline.lane import Lane
+from dvla.pipeline.memory import BufferPool, MemoryPools
+from dvla.pipeline.staging import ObsStage
 from dvla.pipeline.weights import ReplicaSet
 
 Request = tuple[ObsBatch, "asyncio.Future[ActionBatch]"]
@@ -26,10 +29,23 @@ Request = tuple[ObsBatch, "asyncio.Future[ActionBatch]"]
 class InferLane(Lane):
     """Serves action requests from the sample lane."""
 
-    def __init__(self, replicas: ReplicaSet, cfg: InferConfig, timeout_s: float, seed: int) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        cfg: InferConfig,
+        timeout_s: float,
+        seed: int,
+        memory: MemoryPools | None = None,
+    ) -> None:
         super().__init__("infer", timeout_s)
         self.replicas = replicas
         self.cfg = cfg
+        self.memory = memory
+        # Requests are stacked into reused rows of the rollout pool. Forwards run one at a
+        # time in this lane's thread and a policy's prepare() may keep views of the rows
+        # (tiny-vla's torch.from_numpy) only until its forward returns, so one set suffices.
+        pool = memory.rollout if memory is not None else BufferPool("rollout")
+        self._stage = ObsStage(pool, "infer", cfg.max_batch)
         self._requests: asyncio.Queue[Request] = asyncio.Queue()
         self._gen = torch.Generator().manual_seed(seed)
         self.batches = 0
@@ -41,7 +57,8 @@ class InferLane(Lane):
 
     def _forward(self, obs: ObsBatch) -> ActionBatch:
         rep = self.replicas.active
-        with rep.lock:
+        device = self.memory.inference() if self.memory else contextlib.nullcontext()
+        with rep.lock, device:
             inputs = rep.policy.prepare(obs)
             actions, tokens, logprobs = rep.policy.act(inputs, generator=self._gen)
             version = rep.version
@@ -127,7 +144,8 @@ class InferLane(Lane):
 
     async def _serve(self, batch: list[Request]) -> None:
         try:
-            obs = ObsBatch.concat([r[0] for r in batch])
+            parts = [r[0] for r in batch]
+            obs = parts[0] if len(parts) == 1 else self._stage.compose([(o, None) for o in parts])
             act = await self.blocking(self._forward_chunked, obs)
         except Exception as err:
             for _, fut in batch:

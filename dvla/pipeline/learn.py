@@ -9,6 +9,7 @@ the learner publishes a snapshot of its weights to the weight bus for the sync l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from dvla.data import TrajectoryGroup
 from dvla.errors import TrainingError
 from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.lane import Lane
+from dvla.pipeline.memory import MemoryPools
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.weights import StateDict, WeightBus, snapshot
 
@@ -38,8 +40,10 @@ class LearnLane(Lane):
         cfg: PipelineConfig,
         on_iteration: IterationHook,
         gate: StalenessGate | None = None,
+        memory: MemoryPools | None = None,
     ) -> None:
         super().__init__("learn", cfg.lane_timeout_s)
+        self.memory = memory
         self.algorithm = algorithm
         self.policy = policy
         self.bus = bus
@@ -64,6 +68,7 @@ class LearnLane(Lane):
             self.dropped_since_update += 1
             if self.gate is not None:
                 self.gate.finish(1)
+            group.release()
             return False
         self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
         self.pending.append(group)
@@ -74,9 +79,18 @@ class LearnLane(Lane):
         return len(self.pending) >= self.cfg.groups_per_iteration
 
     def _update(self, groups: list[TrajectoryGroup]) -> tuple[dict[str, float], StateDict]:
-        metrics = self.algorithm.update(
-            groups, self.version, self.cfg.max_staleness, self.cfg.importance_correction
-        )
+        device = self.memory.training() if self.memory else contextlib.nullcontext()
+        try:
+            with device:
+                metrics = self.algorithm.update(
+                    groups, self.version, self.cfg.max_staleness, self.cfg.importance_correction
+                )
+        finally:
+            # Trained on or failed, the batch is done with: its trajectory slots go back
+            # to the rollout ring. Released here, in the learn thread, so an await that
+            # timed out or was cancelled never frees slots the update is still reading.
+            for g in groups:
+                g.release()
         state = snapshot(self.policy)
         # A finite loss can still step the weights to inf/NaN (e.g. a huge learning rate);
         # catch it here, before inference samples from a broken policy.
@@ -97,6 +111,8 @@ class LearnLane(Lane):
         for g in groups:
             lag = self.version - g.version
             lags[lag] = lags.get(lag, 0) + 1
+        # Read before the update, which releases the groups' trajectories (see _update).
+        step_versions = np.concatenate([t.versions for g in groups for t in g.trajectories])
         try:
             metrics, state = await self.blocking(self._update, groups)
         except BaseException:
@@ -109,11 +125,7 @@ class LearnLane(Lane):
         self.batch_staleness = dict(sorted(lags.items()))
         # Per step, over the whole batch and for every algorithm (an algorithm may train
         # on a subset, e.g. GRPO skips groups without signal).
-        metrics.update(
-            staleness_metrics(
-                self.version, np.concatenate([t.versions for g in groups for t in g.trajectories])
-            )
-        )
+        metrics.update(staleness_metrics(self.version, step_versions))
         metrics["groups_dropped_stale"] = float(self.dropped_since_update)
         self.dropped_since_update = 0
         self.iteration += 1

@@ -23,6 +23,8 @@ from dvla.data import ActionBatch, ObsBatch, StepBatch, Trajectory, TrajectoryGr
 from dvla.errors import DvlaError, SimulatorError
 from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.lane import Lane
+from dvla.pipeline.memory import BufferPool, TrajectoryRing
+from dvla.pipeline.staging import ObsStage
 from dvla.pipeline.stats import Accounting
 
 Episode = tuple[int, int, int]  # (group id, task id, initial-state id)
@@ -127,27 +129,46 @@ class GroupAssembler:
 class EnvShard:
     """One simulator instance and the episode buffers of its environments.
 
-    Per-step data is written into arrays preallocated for the whole run (one row per
-    environment, one slot per step), so stepping allocates only the finished trajectory.
-    All methods block and run in the sample lane's threads.
+    Per-step data is written into arrays of the rollout pool, preallocated for the whole
+    run (one row per environment, one slot per step); the observations of the active
+    environments are composed into two alternating staging buffers of the pool; with a
+    ``ring``, a finished episode is copied into a ring slot and the trajectory's arrays are
+    views of it until it is released. So the steady state allocates no large arrays.
+    Without a ring (evaluation, tests) each trajectory gets its own arrays, as it must when
+    its consumer keeps it. All methods block and run in the sample lane's threads.
     """
 
-    def __init__(self, shard_id: str, sim: Simulator, sim_name: str, source: EpisodeSource) -> None:
+    def __init__(
+        self,
+        shard_id: str,
+        sim: Simulator,
+        sim_name: str,
+        source: EpisodeSource,
+        pool: BufferPool | None = None,
+        ring: TrajectoryRing | None = None,
+    ) -> None:
         self.id = shard_id
         self.sim = sim
         self.sim_name = sim_name
         self.source = source
+        self.pool = pool = pool if pool is not None else BufferPool("rollout")
+        self.ring = ring
         spec = sim.spec
         n, t = sim.num_envs, spec.max_episode_steps
         d = spec.action_dim
+        if ring is not None and ring.max_steps < t:
+            raise ValueError(f"ring slots hold {ring.max_steps} steps; episodes take up to {t}")
+        # Never copied to a device as they are (trajectories are), so never pinned.
         self.images = {
-            cam: np.zeros((n, t, h, w, 3), np.uint8) for cam, (h, w) in spec.cameras.items()
+            cam: pool.allocate((n, t, h, w, 3), np.uint8, pin=False)
+            for cam, (h, w) in spec.cameras.items()
         }
-        self.proprio = np.zeros((n, t, spec.proprio_dim), np.float32)
-        self.tokens = np.zeros((n, t, d), np.int64)
-        self.logprobs = np.zeros((n, t, d), np.float32)
-        self.versions = np.zeros((n, t), np.int64)
-        self.rewards = np.zeros((n, t), np.float32)
+        self.proprio = pool.allocate((n, t, spec.proprio_dim), np.float32, pin=False)
+        self.tokens = pool.allocate((n, t, d), np.int64, pin=False)
+        self.logprobs = pool.allocate((n, t, d), np.float32, pin=False)
+        self.versions = pool.allocate((n, t), np.int64, pin=False)
+        self.rewards = pool.allocate((n, t), np.float32, pin=False)
+        self._stage = ObsStage(pool, f"shard:{shard_id}", n, buffers=2)
         self.t = np.zeros(n, np.int64)
         self.episode: list[Episode | None] = [None] * n
         self.active_ids = np.zeros(0, np.int64)
@@ -190,7 +211,7 @@ class EnvShard:
             self.active_ids, self.obs = ids, obs
         else:
             self.active_ids = np.concatenate([self.active_ids, ids])
-            self.obs = ObsBatch.concat([self.obs, obs])
+            self.obs = self._stage.compose([(self.obs, None), (obs, None)])
 
     def advance(self, act: ActionBatch) -> tuple[list[Trajectory], int]:
         """Apply actions to the active environments; return finished episodes and steps taken."""
@@ -215,7 +236,10 @@ class EnvShard:
         ]
         keep = np.flatnonzero(~done & ~broken)
         self.active_ids = ids[keep]
-        self.obs = step.obs.select(keep) if len(keep) else None
+        if len(keep) == len(ids):
+            self.obs = step.obs  # nothing finished: the simulator's batch as it is
+        else:
+            self.obs = self._stage.compose([(step.obs, keep)]) if len(keep) else None
         if broken.any():
             self._restart(ids[broken])
         self.refill()
@@ -243,21 +267,35 @@ class EnvShard:
         n = int(self.t[i])
         self.episode[i] = None
         self._seq += 1
-        return Trajectory(
+        slot = self.ring.acquire() if self.ring is not None else None
+
+        def out(src: np.ndarray, dst: np.ndarray | None) -> np.ndarray:
+            if dst is None:
+                return src[i, :n].copy()
+            dst[:n] = src[i, :n]
+            return dst[:n]
+
+        traj = Trajectory(
             producer=self.id,
             seq=self._seq,
             group_id=ep[0],
             task_id=ep[1],
             init_state_id=ep[2],
             instruction=self.sim.spec.tasks[ep[1]].instruction,
-            images={cam: arr[i, :n].copy() for cam, arr in self.images.items()},
-            proprio=self.proprio[i, :n].copy(),
-            tokens=self.tokens[i, :n].copy(),
-            logprobs=self.logprobs[i, :n].copy(),
-            versions=self.versions[i, :n].copy(),
-            rewards=self.rewards[i, :n].copy(),
+            images={
+                cam: out(arr, slot.images[cam] if slot else None)
+                for cam, arr in self.images.items()
+            },
+            proprio=out(self.proprio, slot.proprio if slot else None),
+            tokens=out(self.tokens, slot.tokens if slot else None),
+            logprobs=out(self.logprobs, slot.logprobs if slot else None),
+            versions=out(self.versions, slot.versions if slot else None),
+            rewards=out(self.rewards, slot.rewards if slot else None),
             success=success,
         )
+        if slot is not None:
+            traj.attach_release(slot.release)
+        return traj
 
     def close(self) -> None:
         self.sim.close()
@@ -277,6 +315,9 @@ class SampleLane(Lane):
         self.shards = shards
         self.assembler = GroupAssembler(group_size)
         self.accounting = accounting
+        # Sync mode stacks every shard's observations into one forward: rows reused.
+        envs = sum(s.sim.num_envs for s in shards)
+        self._stage = ObsStage(shards[0].pool, "sample:sync", envs) if shards else None
 
     def _collect(self, trajs: list[Trajectory]) -> list[TrajectoryGroup]:
         groups = []
@@ -328,7 +369,11 @@ class SampleLane(Lane):
             active = [s for s in self.shards if s.has_active]
             if not active:
                 raise SimulatorError("sync rollout ran out of episodes before its groups finished")
-            obs = ObsBatch.concat([s.obs for s in active if s.obs is not None])
+            parts = [s.obs for s in active if s.obs is not None]
+            if len(parts) > 1 and self._stage is not None:
+                obs = self._stage.compose([(o, None) for o in parts])
+            else:
+                obs = ObsBatch.concat(parts)
             act = await forward(obs)
             start = 0
             for shard in active:

@@ -28,6 +28,7 @@ from dvla.control.receiver import WeightReceiver
 from dvla.data import TrajectoryGroup
 from dvla.errors import DvlaError
 from dvla.pipeline.infer import InferLane
+from dvla.pipeline.memory import MemoryPools, sampler_ring_slots
 from dvla.pipeline.policy import build_policy
 from dvla.pipeline.sample import EnvShard, Episode, EpisodeSource, SampleLane
 from dvla.pipeline.stats import Accounting
@@ -66,15 +67,21 @@ async def run(doc: dict[str, Any]) -> None:
         source.attach(Path(doc["counter"]))
     # A restarted sampler is a new producer: its sequence numbers start again at 1.
     producer = str(doc.get("producer") or f"sampler{index}-{secrets.token_hex(4)}")
+    # Only a process with its own policy replica copies anything to a GPU (and pins).
+    memory = MemoryPools(p.memory, device=bool(doc.get("weights")))
+    slots = sampler_ring_slots(
+        p, cfg.data_plane.unacked_chunks, int(doc["group_size"]), sum(doc["shard_envs"]), len(sims)
+    )
+    ring = memory.ring(spec, slots)
     shards = [
-        EnvShard(f"{producer}-shard{j}", sim, cfg.simulator.name, source)
+        EnvShard(f"{producer}-shard{j}", sim, cfg.simulator.name, source, memory.rollout, ring)
         for j, sim in enumerate(sims)
     ]
     lane = SampleLane(shards, int(doc["group_size"]), Accounting(), p.lane_timeout_s)
     # The parent always passes the secret in the environment (the config dump masks it).
     secret = Secret.resolve(None, cfg.data_plane.secret_env)
     local = (
-        await LocalInference.start(cfg, spec, secret, doc["weights"], producer, index)
+        await LocalInference.start(cfg, spec, secret, doc["weights"], producer, index, memory)
         if doc.get("weights")
         else None
     )
@@ -89,7 +96,9 @@ async def run(doc: dict[str, Any]) -> None:
         }
         if local is not None:
             stats.update(local.stats())
-        await client.send_group(group, stats, p.lane_timeout_s)
+        # The chunk keeps views of the trajectories' ring slots until the coordinator
+        # acknowledges it (it may have to be resent): the slots are released then.
+        await client.send_group(group, stats, p.lane_timeout_s, on_acked=group.release)
 
     async def request(obs: Any) -> Any:
         if local is not None:
@@ -124,6 +133,7 @@ async def run(doc: dict[str, Any]) -> None:
             reason=client.stop_reason,
             unacked=client.unacked,
             reconnects=client.reconnects,
+            memory=memory.report(),
         )
         await client.close()
         lane.close()
@@ -190,6 +200,7 @@ class LocalInference:
         publisher: str,
         name: str,
         index: int,
+        memory: MemoryPools | None = None,
     ) -> LocalInference:
         """Build the replica and wait for the learner's current weights."""
         p = cfg.pipeline
@@ -203,7 +214,9 @@ class LocalInference:
             raise DvlaError(f"no weights from the learner within {p.lane_timeout_s:g} s")
         replicas = ReplicaSet(policy, version=-1)
         await asyncio.to_thread(replicas.load, *first)
-        infer = InferLane(replicas, p.infer, p.lane_timeout_s, cfg.seed + 104729 * (index + 1))
+        infer = InferLane(
+            replicas, p.infer, p.lane_timeout_s, cfg.seed + 104729 * (index + 1), memory
+        )
         sync = SyncLane(receiver, replicas, p.lane_timeout_s)
         sync.applied = replicas.active.version
         log.info("local inference ready", sampler=name, version=sync.applied)

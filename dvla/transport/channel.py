@@ -176,6 +176,8 @@ class DataPlaneClient:
         self._pending: dict[int, tuple[dict[str, Any], asyncio.Future[ActionBatch]]] = {}
         self._next_seq = 0
         self._unacked: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        #: Called once the chunk of that sequence number is acknowledged.
+        self._on_acked: dict[int, Callable[[], None]] = {}
         self._window = asyncio.Event()
         self._window.set()
         self._chunk_lock = asyncio.Lock()
@@ -257,7 +259,10 @@ class DataPlaneClient:
                         entry[1].set_result(act)
                 elif mtype == MsgType.ACK and body["producer"] == self.producer:
                     while self._unacked and next(iter(self._unacked)) <= body["seq"]:
-                        self._unacked.popitem(last=False)
+                        seq, _ = self._unacked.popitem(last=False)
+                        hook = self._on_acked.pop(seq, None)
+                        if hook is not None:
+                            hook()
                     if len(self._unacked) < self.cfg.unacked_chunks:
                         self._window.set()
                 else:
@@ -314,11 +319,17 @@ class DataPlaneClient:
             raise ChannelError(f"data plane: no actions within {timeout:g} s") from None
 
     async def send_group(
-        self, group: TrajectoryGroup, stats: dict[str, Any] | None = None, timeout: float = 120.0
+        self,
+        group: TrajectoryGroup,
+        stats: dict[str, Any] | None = None,
+        timeout: float = 120.0,
+        on_acked: Callable[[], None] | None = None,
     ) -> None:
         """Ship one finished group; returns once it is queued, not once it is acked.
 
-        Waits while ``unacked_chunks`` chunks are unacknowledged (backpressure).
+        Waits while ``unacked_chunks`` chunks are unacknowledged (backpressure). The
+        queued chunk refers to the group's arrays, not a copy, until it is acknowledged
+        (a reconnect resends it): ``on_acked`` is called then, e.g. to reuse their memory.
 
         Raises:
             ChannelError: the client stopped, or the window stayed full for ``timeout``.
@@ -340,6 +351,8 @@ class DataPlaneClient:
             if stats:
                 body["stats"] = stats
             self._unacked[self._next_seq] = body
+            if on_acked is not None:
+                self._on_acked[self._next_seq] = on_acked
             conn = self._conn
             if conn is not None:
                 with contextlib.suppress(ChannelError):

@@ -109,7 +109,7 @@ class GRPO(Algorithm):
         if not trajs:
             metrics.update(loss=0.0, updated=0.0)
             return metrics
-        flat = flatten(trajs)
+        flat = flatten(trajs, self.train_pool)
         inputs = self.policy.prepare(flat.obs)
         tokens = torch.from_numpy(flat.tokens)
         adv = torch.from_numpy(np.asarray(advs, np.float32)[flat.traj_index]).unsqueeze(-1)
