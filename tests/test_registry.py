@@ -39,7 +39,9 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, points: list[EntryPoint])
     [
         ("simulator", "toy", Simulator, "dvla.backends.simulators.toy:ToySimulator"),
         ("model", "tiny-vla", Policy, "dvla.backends.models.tiny_vla:TinyVLA"),
+        ("model", "hf-vla", Policy, "dvla.backends.models.hf_vla:HFVLA"),
         ("algorithm", "grpo", Algorithm, "dvla.backends.algorithms.grpo:GRPO"),
+        ("algorithm", "ppo", Algorithm, "dvla.backends.algorithms.ppo:PPO"),
         ("optimizer", "adamw", OptimizerFactory, "dvla.backends.optimizers.adamw:AdamW"),
     ],
 )
@@ -192,3 +194,15 @@ def test_backend_without_options_model_rejects_any_option(
         registry.build_options(
             "optimizer", BackendSection.model_validate({"name": "plain", "lr": 1})
         )
+
+
+def test_the_hf_backend_imports_without_transformers() -> None:
+    """`dvla plugins` and `dvla validate` must work without the [hf] extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import dvla.backends.models.hf_vla; "
+        "sys.exit(int('transformers' in sys.modules or 'peft' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
