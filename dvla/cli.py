@@ -186,6 +186,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    """``dvla config-reference``: every pipeline-file key, from the schema, as Markdown."""
+    from dvla.reference import config_reference
+
+    text = config_reference(include_plugins=args.all)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_plan_sync(args: argparse.Namespace) -> int:
     """``dvla plan-sync``: how long a weight push takes with the replication plan vs flat.
 
@@ -316,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="Override a field, e.g. --set run.max_iterations=5 (repeatable).",
         )
     add("plugins", cmd_plugins, "List installed backends by group, with their packages.")
+    ref = add(
+        "config-reference",
+        cmd_config_reference,
+        "Print the pipeline-file reference (every key, type, default, description) as Markdown.",
+    )
+    ref.add_argument("--out", metavar="FILE", help="Write it here instead of stdout.")
+    ref.add_argument(
+        "--all",
+        action="store_true",
+        help="Include backends of installed third-party packages, not only dvla's own.",
+    )
     plan = add(
         "plan-sync",
         cmd_plan_sync,
