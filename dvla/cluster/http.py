@@ -1,5 +1,7 @@
 """The coordinator's HTTP API: health, status, Prometheus metrics and an authenticated stop.
 
+A live dashboard for browsers is served at ``/`` too (see :mod:`dvla.cluster.dashboard`).
+
 Operators, probes and scrapers need to look at a run (is it alive, how fast, where do
 trajectories go) and to stop it cleanly without a shell on the coordinator's host. Reading
 is open because nothing in a status snapshot is secret; stopping needs the run's shared
@@ -24,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dvla import logs
+from dvla.cluster import dashboard
 from dvla.errors import DvlaError
 
 log = logs.get(__name__)
@@ -66,7 +69,9 @@ class StatusSource(Protocol):
 
 
 class ApiServer:
-    """An aiohttp server for ``/healthz``, ``/status``, ``/metrics`` and ``POST /stop``.
+    """An aiohttp server for ``/healthz``, ``/status``, ``/metrics``, ``POST /stop`` and ``/``.
+
+    ``/`` is the live dashboard, a page that polls ``/status`` from the browser.
 
     Args:
         source: The run to report on and to stop.
@@ -176,6 +181,7 @@ class ApiServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/stop", self._stop)
+        dashboard.add_routes(app)
         return app
 
     def _snapshot(self) -> tuple[dict[str, Any] | None, str]:
