@@ -121,11 +121,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """
     from dvla.data import Trajectory
     from dvla.pipeline.evaluate import format_table, run_eval
+    from dvla.pipeline.progress import EvalProgress
     from dvla.pipeline.video import EpisodeVideos
 
     cfg = load_and_check(args.file, args.set)
     logs.configure(cfg.run.log_level)
-    log = logs.get("dvla.eval")
     episodes = args.episodes if args.episodes is not None else cfg.run.eval_episodes or 50
     if episodes < 1:
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
@@ -134,23 +134,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Checked now: finding out after an hour of LIBERO episodes would lose them.
         raise ConfigError(f"--json {args.json}: its directory does not exist")
     videos = EpisodeVideos(Path(args.video)) if args.video is not None else None
-    done = 0
+    # A bar on a terminal, else one "episode" log line per episode; closed on any exit.
+    with EvalProgress(episodes, log_level=cfg.run.log_level) as progress:
 
-    def on_episode(traj: Trajectory) -> None:
-        nonlocal done
-        done += 1
-        if videos is not None:
-            videos(traj)
-        log.info(
-            "episode",
-            done=f"{done}/{episodes}",
-            episode=traj.group_id,
-            task=traj.task_id,
-            success=traj.success,
-            steps=traj.length,
-        )
+        def on_episode(traj: Trajectory) -> None:
+            if videos is not None:
+                videos(traj)
+            progress.on_episode(traj)
 
-    result = run_eval(cfg, args.file, Path(args.checkpoint), episodes, envs, on_episode)
+        result = run_eval(cfg, args.file, Path(args.checkpoint), episodes, envs, on_episode)
     sys.stdout.write(format_table(result))
     if args.json is not None:
         write_json(args.json, {"config": args.file, **result})

@@ -68,6 +68,12 @@ class RunConfig(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Console log level; the JSON log file always gets debug."
     )
+    tensorboard: Literal["auto"] | bool = Field(
+        "auto",
+        description="TensorBoard scalars per iteration in <run dir>/tensorboard/. auto: "
+        "when the tensorboard package is installed (the [tensorboard] extra); true: "
+        "required (an error without it); false: never.",
+    )
 
 
 class InferConfig(Strict):

@@ -27,7 +27,7 @@ from dvla.config import PipelineFile
 from dvla.control.publisher import WeightPublisher
 from dvla.data import TrajectoryGroup
 from dvla.errors import ConfigError, DvlaError
-from dvla.pipeline import checkpointing
+from dvla.pipeline import checkpointing, tensorboard
 from dvla.pipeline.evaluate import evaluate
 from dvla.pipeline.gate import StalenessGate
 from dvla.pipeline.infer import InferLane
@@ -35,6 +35,7 @@ from dvla.pipeline.lane import Lane
 from dvla.pipeline.learn import LearnLane
 from dvla.pipeline.memory import MemoryPools, ring_slots
 from dvla.pipeline.policy import build_policy, export_policy
+from dvla.pipeline.progress import EvalProgress, RunProgress, RunSnapshot
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
 from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane, start_simulator
@@ -71,6 +72,11 @@ class Coordinator:
         self.state = "starting"
         self._t0 = time.perf_counter()
         self._stop: asyncio.Event | None = None
+        #: The async trajectory queue while it exists (its depth is a reported figure).
+        self._queue: asyncio.Queue[TrajectoryGroup] | None = None
+        # run.tensorboard: true without the package fails here, before any simulator.
+        tensorboard.check(cfg.run.tensorboard)
+        self.tensorboard: tensorboard.TensorBoardLog | None = None
         self._lanes: list[Lane | RemoteSampleLane] = []
         # POST /stop and signals end the process within drain_timeout_s even if a lane
         # hangs; only the CLI sets this, never an embedding program or a test.
@@ -277,6 +283,28 @@ class Coordinator:
             out["sampler_versions"] = dict(self.sample.weights_versions)
         return out
 
+    def queue_depths(self) -> dict[str, int]:
+        """Trajectory groups waiting for the learner and requests waiting for a forward.
+
+        A full trajectory queue means the learner is the bottleneck; a growing request
+        queue, inference. Empty in sync mode, where nothing waits in a queue.
+        """
+        if self._queue is None:
+            return {}
+        return {"trajectory_groups": self._queue.qsize(), "infer_requests": self.infer.queued()}
+
+    def latest_weight_sync_s(self) -> float | None:
+        """Seconds the newest version took to reach inference; None before the first.
+
+        With replicas in sampler processes that is the weight plane's latest round;
+        otherwise the sync lane's latest load into the standby replica.
+        """
+        if self.publisher is not None:
+            reports = self.publisher.reports
+            return round(reports[-1].seconds, 6) if reports else None
+        last = self.sync.last_load_s
+        return None if last is None else round(last, 6)
+
     def _on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
         wall = time.perf_counter() - self._t0
         acc = self.accounting
@@ -293,9 +321,13 @@ class Coordinator:
             "memory_high_water_bytes": {
                 name: pool["high_water_bytes"] for name, pool in self.memory_report().items()
             },
+            "queues": self.queue_depths(),
+            "weight_sync_s": self.latest_weight_sync_s(),
             **metrics,
         }
         self.rundir.append_metrics(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
         log.debug("iteration", **{k: v for k, v in row.items() if not isinstance(v, dict)})
         if self.checkpoints.due(iteration):
             self.checkpoints.save_async(checkpointing.capture(self))
@@ -352,6 +384,7 @@ class Coordinator:
             "accounting": acc.as_dict(),
             "infer_mean_batch": round(self.infer_mean_batch(), 3),
             "infer": self.infer_report(),
+            "queues": self.queue_depths(),
             "memory": self.memory_report(),
             "staleness_gate": self.gate.status() if self.gate else {},
             "policy_versions": {"learner": self.learn.version},
@@ -366,34 +399,35 @@ class Coordinator:
             out["policy_versions"]["samplers"] = dict(self.sample.weights_versions)
         return out
 
+    def _snapshot(self) -> RunSnapshot:
+        return RunSnapshot(
+            wall_s=time.perf_counter() - self._t0,
+            iteration=self.learn.iteration,
+            version=self.learn.version,
+            env_steps=self.accounting.env_steps,
+            success=self.accounting.success_rate(),
+            busy={k: v["share"] for k, v in self.lane_shares().items()},
+        )
+
     async def _progress(self, stop: asyncio.Event) -> None:
-        """Live progress lines and the wall-clock limit."""
-        interval = self.cfg.run.progress_interval_s
-        last_t, last_steps = self._t0, 0
-        next_report = self._t0 + interval
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
-            now = time.perf_counter()
-            if now - self._t0 >= self.cfg.run.max_wall_seconds:
-                self._request_stop("max_wall_seconds")
-            if now >= next_report:
-                steps = self.accounting.env_steps
-                log.info(
-                    "progress",
-                    iteration=self.learn.iteration,
-                    version=self.learn.version,
-                    steps_per_s=round((steps - last_steps) / (now - last_t)),
-                    success=round(self.accounting.success_rate(), 3),
-                    busy={k: v["share"] for k, v in self.lane_shares().items()},
-                )
-                last_t, last_steps = now, steps
-                next_report = now + interval
+        """Live progress (a bar on a terminal, else log lines) and the wall-clock limit."""
+        progress = RunProgress(self.cfg.run, start_steps=self._base[0])
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+                if time.perf_counter() - self._t0 >= self.cfg.run.max_wall_seconds:
+                    self._request_stop("max_wall_seconds")
+                progress.update(self._snapshot())
+        finally:
+            # Cancelled (a lane failed), stopped or interrupted: the bar ends either way.
+            progress.finish(self._snapshot())
 
     # ----------------------------------------------------------------- running
     async def _run_async(self, stop: asyncio.Event) -> None:
         queue: asyncio.Queue[TrajectoryGroup] = asyncio.Queue(
             maxsize=self.cfg.pipeline.queue_groups
         )
+        self._queue = queue
 
         async def emit(group: TrajectoryGroup) -> None:
             while not stop.is_set():
@@ -480,6 +514,9 @@ class Coordinator:
         )
         if self.resumed:
             log.info("resumed", **self.resumed)
+        self.tensorboard = tensorboard.TensorBoardLog.open(
+            self.cfg.run.tensorboard, self.rundir.root
+        )
         signals = self._install_signals()
         api = await self._start_api()
         self.state = "running"
@@ -508,6 +545,8 @@ class Coordinator:
         finally:
             self.stop_reason = "error" if self.stop_reason == "running" else self.stop_reason
             wall = time.perf_counter() - self._t0
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             for lane in self._lanes:
                 lane.close()
             if self.publisher is not None:
@@ -538,11 +577,20 @@ class Coordinator:
             # No more evaluation environments than training ones: they can be costly.
             n = min(self.cfg.run.eval_episodes, self.cfg.pipeline.num_envs, 64)
             sim = self._make_sim(n, self.cfg.seed + 10_000)
+            episodes = self.cfg.run.eval_episodes
+            progress = EvalProgress(
+                episodes, label="final eval", log_level=self.cfg.run.log_level, log_lines=False
+            )
             try:
                 eval_result = evaluate(
-                    self.policy, sim, self.cfg.simulator.name, self.cfg.run.eval_episodes
+                    self.policy,
+                    sim,
+                    self.cfg.simulator.name,
+                    episodes,
+                    on_episode=progress.on_episode,
                 )
             finally:
+                progress.close()
                 sim.close()
         acc = self.accounting
         summary = RunSummary(

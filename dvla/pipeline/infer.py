@@ -162,6 +162,10 @@ class InferLane(Lane):
     def mean_batch(self) -> float:
         return self.observations / self.batches if self.batches else 0.0
 
+    def queued(self) -> int:
+        """Observation requests waiting for a forward (a full queue means inference lags)."""
+        return self._requests.qsize()
+
     def report(self) -> dict[str, Any]:
         """Achieved batching: forwards, mean and largest batch, and sizes by bucket."""
         return {

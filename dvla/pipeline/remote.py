@@ -115,7 +115,7 @@ class RemoteSampleLane:
         self._merge_remote(producer, stats)
         self.cluster.record_delivery(producer, n)
         for traj in group.trajectories:
-            self.accounting.record_episode(traj.success, traj.length)
+            self.accounting.record_episode(traj.success, traj.length, traj.ret)
         try:
             await emit(group)
         except asyncio.CancelledError:

@@ -322,7 +322,7 @@ class SampleLane(Lane):
     def _collect(self, trajs: list[Trajectory]) -> list[TrajectoryGroup]:
         groups = []
         for traj in trajs:
-            self.accounting.record_episode(traj.success, traj.length)
+            self.accounting.record_episode(traj.success, traj.length, traj.ret)
             group = self.assembler.add(traj)
             if group is not None:
                 groups.append(group)

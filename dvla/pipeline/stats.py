@@ -39,6 +39,10 @@ class Accounting:
     when the coordinator receives it. ``episodes_lost`` counts episodes sampler processes
     started but never delivered because the process crashed or its worker died (exact for
     a crash, as of the worker's last heartbeat for a dead worker).
+
+    ``window`` and ``returns`` are the most recent episodes' successes and returns (the
+    sum of an episode's rewards); ``returns`` keeps as many episodes as ``window``, so
+    the rolling success rate and the rolling mean return describe the same episodes.
     """
 
     produced: int = 0
@@ -52,6 +56,11 @@ class Accounting:
     env_steps: int = 0
     episodes_success: int = 0
     window: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
+    returns: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def __post_init__(self) -> None:
+        if self.returns.maxlen != self.window.maxlen:
+            self.returns = deque(self.returns, maxlen=self.window.maxlen)
 
     def in_flight(self) -> int:
         return (
@@ -62,14 +71,21 @@ class Accounting:
             - self.discarded_dead_worker
         )
 
-    def record_episode(self, success: bool, steps: int) -> None:
+    def record_episode(self, success: bool, steps: int, ret: float | None = None) -> None:
+        """Count one finished episode; ``ret`` (its return) feeds :meth:`return_mean`."""
         self.produced += 1
         self.env_steps += steps
         self.episodes_success += int(success)
         self.window.append(success)
+        if ret is not None:
+            self.returns.append(ret)
 
     def success_rate(self) -> float:
         return sum(self.window) / len(self.window) if self.window else 0.0
+
+    def return_mean(self) -> float:
+        """Mean return of the most recent episodes (0.0 before the first)."""
+        return sum(self.returns) / len(self.returns) if self.returns else 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -83,6 +99,7 @@ class Accounting:
             "in_flight": self.in_flight(),
             "env_steps": self.env_steps,
             "success_rate": round(self.success_rate(), 4),
+            "return_mean": round(self.return_mean(), 4),
         }
 
 

@@ -8,6 +8,7 @@ all, and versions published faster than they can be applied are skipped, not que
 from __future__ import annotations
 
 import asyncio
+import time
 
 from dvla.pipeline.lane import Lane
 from dvla.pipeline.weights import ReplicaSet, WeightBus
@@ -22,6 +23,10 @@ class SyncLane(Lane):
         self.replicas = replicas
         self.applied = replicas.active.version
         self.syncs = 0
+        #: Seconds the latest applied version took from the lane picking it up to the
+        #: replica serving it (waiting for the lane thread included): what a weight sync
+        #: costs inference in this process. None until the first one.
+        self.last_load_s: float | None = None
 
     async def apply_newer(self, wait_s: float) -> bool:
         """Apply the newest version if one newer than the applied one arrives within ``wait_s``."""
@@ -29,7 +34,9 @@ class SyncLane(Lane):
         if got is None:
             return False
         version, state = got
+        t0 = time.perf_counter()
         await self.blocking(self.replicas.load, version, state)
+        self.last_load_s = time.perf_counter() - t0
         self.applied = version
         self.syncs += 1
         return True
