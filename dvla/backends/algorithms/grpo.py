@@ -28,10 +28,14 @@ from dvla.backends.algorithms.correction import (
     importance_weights,
     staleness_metrics,
 )
+from dvla.backends.algorithms.objective import (
+    clip_fraction,
+    clipped_surrogate,
+    optimizer_step,
+)
 from dvla.backends.base import Algorithm, Policy
 from dvla.config import BackendOptions
 from dvla.data import Trajectory, TrajectoryGroup
-from dvla.errors import TrainingError
 
 
 class GRPOOptions(BackendOptions):
@@ -139,9 +143,7 @@ class GRPO(Algorithm):
                 out = self.policy.evaluate(sub, tokens[idx])
                 ratio = torch.exp(out.logprobs - prox[idx])
                 adv_mb = adv[idx]
-                surr = torch.minimum(
-                    ratio * adv_mb, ratio.clamp(1 - o.clip_eps, 1 + o.clip_eps) * adv_mb
-                )
+                surr = clipped_surrogate(ratio, adv_mb, o.clip_eps)
                 pg_loss = -(agg[idx] * weights[idx] * surr).mean()
                 loss = pg_loss - o.entropy_coef * out.entropy.mean()
                 kl = torch.zeros(())
@@ -149,24 +151,14 @@ class GRPO(Algorithm):
                     d = ref[idx] - out.logprobs
                     kl = (torch.exp(d) - d - 1).mean()
                     loss = loss + o.kl_coef * kl
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at policy version {learner_version}; "
-                        "lower the learning rate or check rewards and observations"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                gn = (
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), o.max_grad_norm)
-                    if o.max_grad_norm
-                    else torch.zeros(())
+                gn = optimizer_step(
+                    loss, self.policy.parameters(), self.optimizer, o.max_grad_norm, learner_version
                 )
-                self.optimizer.step()
                 stats["loss"].append(loss.item())
                 stats["pg_loss"].append(pg_loss.item())
                 stats["kl"].append(kl.item())
                 stats["entropy"].append(out.entropy.mean().item())
-                stats["clip_frac"].append(((ratio - 1).abs() > o.clip_eps).float().mean().item())
+                stats["clip_frac"].append(clip_fraction(ratio, o.clip_eps))
                 stats["grad_norm"].append(float(gn))
         self.policy.eval()
         metrics.update({k: float(np.mean(v)) for k, v in stats.items()})

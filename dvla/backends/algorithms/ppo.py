@@ -48,6 +48,11 @@ from dvla.backends.algorithms.correction import (
     importance_weights,
     staleness_metrics,
 )
+from dvla.backends.algorithms.objective import (
+    clip_fraction,
+    clipped_surrogate,
+    optimizer_step,
+)
 from dvla.backends.base import Algorithm, Policy
 from dvla.config import BackendOptions
 from dvla.data import Trajectory, TrajectoryGroup
@@ -269,34 +274,20 @@ class PPO(Algorithm):
                 log_ratio = out.logprobs - prox[idx]
                 ratio = torch.exp(log_ratio)
                 adv_mb = adv[idx]
-                surr = torch.minimum(
-                    ratio * adv_mb, ratio.clamp(1 - o.clip_eps, 1 + o.clip_eps) * adv_mb
-                )
+                surr = clipped_surrogate(ratio, adv_mb, o.clip_eps)
                 pg_loss = -(weights[idx] * surr).mean()
                 value_loss = self._value_loss(out.values.float(), old_values[idx], returns[idx])
                 entropy = out.entropy.mean()
                 loss = pg_loss + o.value_coef * value_loss - o.entropy_coef * entropy
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at policy version {learner_version}; "
-                        "lower the learning rate or check rewards and observations"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                gn = (
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), o.max_grad_norm)
-                    if o.max_grad_norm
-                    else torch.zeros(())
+                gn = optimizer_step(
+                    loss, self.policy.parameters(), self.optimizer, o.max_grad_norm, learner_version
                 )
-                self.optimizer.step()
                 with torch.no_grad():
                     stats["loss"].append(loss.item())
                     stats["pg_loss"].append(pg_loss.item())
                     stats["value_loss"].append(value_loss.item())
                     stats["entropy"].append(entropy.item())
-                    stats["clip_frac"].append(
-                        ((ratio - 1).abs() > o.clip_eps).float().mean().item()
-                    )
+                    stats["clip_frac"].append(clip_fraction(ratio, o.clip_eps))
                     # Schulman's low-variance estimator of KL(proximal || current).
                     stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
                     stats["grad_norm"].append(float(gn))
