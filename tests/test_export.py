@@ -133,3 +133,12 @@ def test_resume_with_another_architecture_is_a_one_line_error(
     assert code == 2
     assert err.startswith("error: --resume ") and "weights do not fit" in err
     assert err.count("\n") == 1
+
+
+def test_a_camera_the_simulator_lacks_is_a_one_line_error() -> None:
+    cfg = load_config(TOY, {"model.camera": "wrist"})
+    from dvla.backends.simulators.toy import ToyOptions, ToySimulator
+
+    with pytest.raises(ConfigError, match="'wrist' is not a camera") as err:
+        build_policy(cfg, ToySimulator.describe(ToyOptions()))
+    assert "\n" not in str(err.value)

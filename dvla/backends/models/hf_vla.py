@@ -122,12 +122,7 @@ class HFVLA(TokenPolicy):
         super().__init__(options, spec)
         o: HFVLAOptions = options
         self.o = o
-        self.camera = o.camera or next(iter(spec.cameras))
-        if self.camera not in spec.cameras:
-            raise ConfigError(
-                f"model.camera: '{self.camera}' is not a camera of the simulator "
-                f"(cameras: {', '.join(spec.cameras)})"
-            )
+        self.camera = self.pick_camera(o.camera)
         if "{instruction}" not in o.prompt:
             raise ConfigError("model.prompt: must contain {instruction}, or language is ignored")
         device = resolve_device(o.device)

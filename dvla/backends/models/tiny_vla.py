@@ -21,7 +21,6 @@ from dvla.backends.base import SimulatorSpec
 from dvla.backends.models.tokens import ActionTokenizer, HashedWordTokenizer, TokenPolicy
 from dvla.config import BackendOptions
 from dvla.data import ObsBatch
-from dvla.errors import ConfigError
 
 
 class TinyVLAOptions(BackendOptions):
@@ -68,12 +67,7 @@ class TinyVLA(TokenPolicy):
         super().__init__(options, spec)
         o: TinyVLAOptions = options
         self.o = o
-        self.camera = o.camera or next(iter(spec.cameras))
-        if self.camera not in spec.cameras:
-            raise ConfigError(
-                f"model.camera: '{self.camera}' is not a camera of the simulator "
-                f"(cameras: {', '.join(spec.cameras)})"
-            )
+        self.camera = self.pick_camera(o.camera)
         self.action_dim = spec.action_dim
         self.temperature = o.temperature
         self.feature_dim = o.hidden

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dvla.backends.base import Policy, PolicyOutput, SimulatorSpec
+from dvla.errors import ConfigError
 
 
 class ActionTokenizer:
@@ -110,6 +111,20 @@ class TokenPolicy(Policy):
             tokens: the taken tokens ``[B, D]`` when scoring them (teacher forcing for
                 autoregressive heads); None when acting.
         """
+
+    def pick_camera(self, name: str | None) -> str:
+        """The camera option's value, or the simulator's first camera; checked against the spec.
+
+        Raises:
+            ConfigError: the simulator has no such camera.
+        """
+        camera = name or next(iter(self.spec.cameras))
+        if camera not in self.spec.cameras:
+            raise ConfigError(
+                f"model.camera: '{camera}' is not a camera of the simulator "
+                f"(cameras: {', '.join(self.spec.cameras)})"
+            )
+        return camera
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token logits ``[B, D, bins]`` of a model whose dimensions are independent."""
