@@ -158,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """
     from dvla.pipeline.evaluate import read_weights
     from dvla.pipeline.policy import build_policy, export_policy, load_weights
-    from dvla.pipeline.sample import start_simulator
+    from dvla.pipeline.sample import probe_spec
 
     cfg = load_and_check(args.file, args.set)
     out = Path(args.out)
@@ -166,11 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: its parent directory does not exist")
     path, state = read_weights(Path(args.checkpoint))
     sim_cls, sim_opts = registry.build_options("simulator", cfg.simulator, args.file)
-    spec = sim_cls.describe(sim_opts)
-    if spec is None:
-        sim = start_simulator(sim_cls, sim_opts, cfg.simulator.name, 1, cfg.seed)
-        spec = sim.spec
-        sim.close()
+    spec = probe_spec(sim_cls, sim_opts, cfg.simulator.name, cfg.seed)
     policy = build_policy(cfg, spec, args.file)
     load_weights(policy, state, f"--checkpoint {path}", cfg.model.name)
     export_policy(policy, cfg, out, args.policy_version)

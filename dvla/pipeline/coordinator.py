@@ -39,7 +39,13 @@ from dvla.pipeline.progress import EvalProgress, RunProgress, RunSnapshot
 from dvla.pipeline.remote import RemoteSampleLane, run_secret
 from dvla.pipeline.reporting import Reports
 from dvla.pipeline.runtime import RunSummary, arm_watchdog, first_error, loop_factory
-from dvla.pipeline.sample import EnvShard, EpisodeSource, SampleLane, start_simulator
+from dvla.pipeline.sample import (
+    EnvShard,
+    EpisodeSource,
+    SampleLane,
+    probe_spec,
+    start_simulator,
+)
 from dvla.pipeline.stats import Accounting
 from dvla.pipeline.sync import SyncLane
 from dvla.pipeline.weights import (
@@ -120,9 +126,7 @@ class Coordinator(Reports):
             if spec is None and p.sample_processes:
                 # Simulators live in sampler processes; one environment here tells the
                 # model the observation and action spec, then goes away.
-                probe = self._make_sim(1, cfg.seed)
-                spec = probe.spec
-                probe.close()
+                spec = probe_spec(self.sim_cls, self.sim_opts, cfg.simulator.name, cfg.seed)
             if not p.sample_processes:
                 for i, n in enumerate(split(p.num_envs, p.shards)):
                     sims.append(self._make_sim(n, cfg.seed + i))

@@ -23,6 +23,11 @@ import threading
 from collections.abc import Callable
 
 
+def gate_capacity(groups_per_iteration: int, max_staleness: int) -> int:
+    """Most rollout groups the gate lets be open at once (memory sizing relies on it too)."""
+    return groups_per_iteration * (max_staleness + 1)
+
+
 class StalenessGate:
     """Counts open rollout groups and says whether another may start; thread-safe."""
 
@@ -33,7 +38,7 @@ class StalenessGate:
         learner_version: Callable[[], int],
         acting_version: Callable[[], int],
     ) -> None:
-        self.capacity = groups_per_iteration * (max_staleness + 1)
+        self.capacity = gate_capacity(groups_per_iteration, max_staleness)
         self.max_staleness = max_staleness
         self._learner_version = learner_version
         self._acting_version = acting_version

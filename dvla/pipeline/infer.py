@@ -144,8 +144,7 @@ class InferLane(Lane):
 
     async def _serve(self, batch: list[Request]) -> None:
         try:
-            parts = [r[0] for r in batch]
-            obs = parts[0] if len(parts) == 1 else self._stage.compose([(o, None) for o in parts])
+            obs = self._stage.stack([r[0] for r in batch])
             act = await self.blocking(self._forward_chunked, obs)
         except Exception as err:
             for _, fut in batch:

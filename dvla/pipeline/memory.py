@@ -55,6 +55,7 @@ import torch
 from dvla import logs
 from dvla.backends.base import SimulatorSpec
 from dvla.config import MemoryConfig, PipelineConfig
+from dvla.pipeline.gate import gate_capacity
 
 log = logs.get(__name__)
 
@@ -332,8 +333,8 @@ def ring_slots(p: PipelineConfig, group_size: int, envs: int) -> int:
         return batch  # a rollout runs exactly one batch, released by its update
     slots = p.queue_groups * group_size + 2 * batch + 2 * envs
     if p.staleness_gate:
-        # The gate keeps at most groups_per_iteration x (max_staleness + 1) groups open.
-        slots = min(slots, batch * (p.max_staleness + 1))
+        # The gate keeps at most this many groups open, each of group_size trajectories.
+        slots = min(slots, gate_capacity(p.groups_per_iteration, p.max_staleness) * group_size)
     return slots
 
 

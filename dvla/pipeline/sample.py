@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dvla.backends.base import Simulator
+from dvla.backends.base import Simulator, SimulatorSpec
 from dvla.data import ActionBatch, ObsBatch, StepBatch, Trajectory, TrajectoryGroup
 from dvla.errors import DvlaError, SimulatorError
 from dvla.pipeline.gate import StalenessGate
@@ -46,6 +46,22 @@ def start_simulator(
         raise SimulatorError(
             f"simulator '{name}' failed to start: {type(err).__name__}: {err}"
         ) from err
+
+
+def probe_spec(sim_cls: type[Simulator], options: Any, name: str, seed: int) -> SimulatorSpec:
+    """The simulator's spec: from :meth:`Simulator.describe`, else from one started env.
+
+    For a process that needs the spec but runs no environments of its own (the
+    coordinator when simulators live in sampler processes, ``dvla export``).
+    """
+    spec = sim_cls.describe(options)
+    if spec is not None:
+        return spec
+    probe = start_simulator(sim_cls, options, name, 1, seed)
+    try:
+        return probe.spec
+    finally:
+        probe.close()
 
 
 class EpisodeSource:
@@ -211,7 +227,7 @@ class EnvShard:
             self.active_ids, self.obs = ids, obs
         else:
             self.active_ids = np.concatenate([self.active_ids, ids])
-            self.obs = self._stage.compose([(self.obs, None), (obs, None)])
+            self.obs = self._stage.stack([self.obs, obs])
 
     def advance(self, act: ActionBatch) -> tuple[list[Trajectory], int]:
         """Apply actions to the active environments; return finished episodes and steps taken."""
@@ -369,11 +385,8 @@ class SampleLane(Lane):
             active = [s for s in self.shards if s.has_active]
             if not active:
                 raise SimulatorError("sync rollout ran out of episodes before its groups finished")
-            parts = [s.obs for s in active if s.obs is not None]
-            if len(parts) > 1 and self._stage is not None:
-                obs = self._stage.compose([(o, None) for o in parts])
-            else:
-                obs = ObsBatch.concat(parts)
+            assert self._stage is not None  # there are shards: some are active
+            obs = self._stage.stack([s.obs for s in active if s.obs is not None])
             act = await forward(obs)
             start = 0
             for shard in active:

@@ -31,6 +31,12 @@ class ObsStage:
         self._buffers = buffers
         self._turn = 0
 
+    def stack(self, parts: Sequence[ObsBatch]) -> ObsBatch:
+        """:meth:`ObsBatch.concat` into these rows; a single part is passed through as is."""
+        if len(parts) == 1:
+            return parts[0]
+        return self.compose([(obs, None) for obs in parts])
+
     def compose(self, parts: Sequence[tuple[ObsBatch, np.ndarray | None]]) -> ObsBatch:
         """The rows ``idx`` of each part (all rows where ``idx`` is None), in order."""
         self._turn = (self._turn + 1) % self._buffers

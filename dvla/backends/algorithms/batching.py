@@ -29,11 +29,25 @@ class FlatBatch:
     traj_index: np.ndarray  # int64 [N]: which trajectory each step came from
 
 
-def _stack(pool: BufferPool, key: str, parts: list[np.ndarray], rows: int) -> np.ndarray:
-    """``np.concatenate(parts)``, written into the pool's buffer ``key``."""
+def _stack(pool: BufferPool | None, key: str, parts: list[np.ndarray], rows: int) -> np.ndarray:
+    """``np.concatenate(parts)``, written into the pool's buffer ``key`` when there is a pool."""
+    if pool is None:
+        return np.concatenate(parts)
     out = pool.grow(f"flat:{key}", rows, parts[0].shape[1:], parts[0].dtype, pool.min_rows)
     np.concatenate(parts, out=out)
     return out
+
+
+def _traj_index(pool: BufferPool | None, lengths: list[int], rows: int) -> np.ndarray:
+    """Which trajectory each of the ``rows`` steps came from (``np.repeat`` of the ids)."""
+    if pool is None:
+        return np.repeat(np.arange(len(lengths)), lengths)
+    index = pool.grow("flat:traj_index", rows, (), np.int64, pool.min_rows)
+    start = 0
+    for k, length in enumerate(lengths):
+        index[start : start + length] = k
+        start += length
+    return index
 
 
 def flatten(trajs: list[Trajectory], pool: BufferPool | None = None) -> FlatBatch:
@@ -48,24 +62,7 @@ def flatten(trajs: list[Trajectory], pool: BufferPool | None = None) -> FlatBatc
     cams = list(trajs[0].images)
     instructions = [t.instruction for t in trajs for _ in range(t.length)]
     lengths = [t.length for t in trajs]
-    if pool is None:
-        return FlatBatch(
-            obs=ObsBatch(
-                images={c: np.concatenate([t.images[c] for t in trajs]) for c in cams},
-                proprio=np.concatenate([t.proprio for t in trajs]),
-                instructions=instructions,
-            ),
-            tokens=np.concatenate([t.tokens for t in trajs]),
-            logprobs=np.concatenate([t.logprobs for t in trajs]),
-            versions=np.concatenate([t.versions for t in trajs]),
-            traj_index=np.repeat(np.arange(len(trajs)), lengths),
-        )
     n = sum(lengths)
-    index = pool.grow("flat:traj_index", n, (), np.int64, pool.min_rows)
-    start = 0
-    for k, length in enumerate(lengths):
-        index[start : start + length] = k
-        start += length
     return FlatBatch(
         obs=ObsBatch(
             images={c: _stack(pool, f"image:{c}", [t.images[c] for t in trajs], n) for c in cams},
@@ -75,5 +72,5 @@ def flatten(trajs: list[Trajectory], pool: BufferPool | None = None) -> FlatBatc
         tokens=_stack(pool, "tokens", [t.tokens for t in trajs], n),
         logprobs=_stack(pool, "logprobs", [t.logprobs for t in trajs], n),
         versions=_stack(pool, "versions", [t.versions for t in trajs], n),
-        traj_index=index,
+        traj_index=_traj_index(pool, lengths, n),
     )
