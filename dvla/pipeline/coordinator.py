@@ -324,19 +324,35 @@ class Coordinator(Reports):
             self.accounting.discarded += len(group.trajectories)
             group.release()
 
+        def stop_on_failure(task: asyncio.Task[None]) -> None:
+            # The task group cancels the other lanes when one fails, but Python 3.11's
+            # wait_for returns a result instead of raising when its inner await finishes
+            # in the same loop pass as the cancellation, and a lane polling with wait_for
+            # would then go on polling forever; the stop event ends every lane's loop.
+            if not task.cancelled() and task.exception() is not None:
+                stop.set()
+
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.infer.run(stop), name="infer")
-            tg.create_task(self.learn.run(queue, stop), name="learn")
-            tg.create_task(self.sync.run(stop), name="sync")
-            tg.create_task(self._progress(stop), name="progress")
+            lanes = [
+                tg.create_task(self.infer.run(stop), name="infer"),
+                tg.create_task(self.learn.run(queue, stop), name="learn"),
+                tg.create_task(self.sync.run(stop), name="sync"),
+                tg.create_task(self._progress(stop), name="progress"),
+            ]
             if isinstance(self.sample, RemoteSampleLane):
-                tg.create_task(self.sample.run(self.infer.request, emit, stop), name="samplers")
+                lanes.append(
+                    tg.create_task(self.sample.run(self.infer.request, emit, stop), name="samplers")
+                )
             else:
                 for shard in self.sample.shards:
-                    tg.create_task(
-                        self.sample.run_shard(shard, self.infer.request, emit, stop),
-                        name=shard.id,
+                    lanes.append(
+                        tg.create_task(
+                            self.sample.run_shard(shard, self.infer.request, emit, stop),
+                            name=shard.id,
+                        )
                     )
+            for task in lanes:
+                task.add_done_callback(stop_on_failure)
         while not queue.empty():
             left = queue.get_nowait()
             self.accounting.discarded += len(left.trajectories)
